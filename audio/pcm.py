@@ -1,0 +1,81 @@
+"""Reading audio files and converting them to the line's sample format."""
+
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+
+
+class AudioFileError(ValueError):
+    """An audio file that linerec cannot use; the message names the file and the fix."""
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Return a PCM WAV file as mono float64 samples in [-1, 1] and its sample rate."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            channels = wav.getnchannels()
+            width = wav.getsampwidth()
+            rate = wav.getframerate()
+            raw = wav.readframes(wav.getnframes())
+    except FileNotFoundError as exc:
+        raise AudioFileError(f"{path}: file not found") from exc
+    except (wave.Error, EOFError, OSError) as exc:
+        raise AudioFileError(
+            f"{path}: not a readable PCM WAV file ({exc}); "
+            f"convert it with: sox '{path}' -b 16 -c 1 out.wav"
+        ) from exc
+    if width == 1:
+        samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0) / 128.0
+    elif width == 2:
+        samples = np.frombuffer(raw, dtype="<i2").astype(np.float64) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
+        samples = ints.astype(np.float64) / float(1 << 23)
+    elif width == 4:
+        samples = np.frombuffer(raw, dtype="<i4").astype(np.float64) / float(1 << 31)
+    else:  # pragma: no cover - wave rejects other widths itself
+        raise AudioFileError(f"{path}: {width * 8}-bit samples are not supported")
+    if len(samples) == 0:
+        raise AudioFileError(f"{path}: the file holds no audio")
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    return samples, rate
+
+
+def resample(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Band-limited resampling through the spectrum (the files are seconds to minutes long).
+
+    Zero padding on both sides keeps the FFT's circular wrap from folding the end of the
+    file onto its start.
+    """
+    if src_rate == dst_rate:
+        return samples.astype(np.float64, copy=True)
+    pad = src_rate // 10
+    padded = np.concatenate([np.zeros(pad), samples, np.zeros(pad)])
+    n_in = len(padded)
+    n_out = round(n_in * dst_rate / src_rate)
+    spectrum = np.fft.rfft(padded)
+    bins = n_out // 2 + 1
+    if bins <= len(spectrum):
+        spectrum = spectrum[:bins]
+    else:
+        spectrum = np.concatenate([spectrum, np.zeros(bins - len(spectrum), dtype=complex)])
+    out = np.fft.irfft(spectrum, n_out) * (n_out / n_in)
+    out_pad = round(pad * dst_rate / src_rate)
+    return out[out_pad : out_pad + round(len(samples) * dst_rate / src_rate)]
+
+
+def to_int16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] to int16, clipped."""
+    return np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
+
+
+def load_line_audio(path: Path, rate: int) -> np.ndarray:
+    """A WAV file as mono int16 at the line's sample rate."""
+    samples, file_rate = read_wav(path)
+    return to_int16(resample(samples, file_rate, rate))

@@ -1,0 +1,299 @@
+"""The linerec configuration: one TOML file, checked completely before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from linerec.audio.pcm import AudioFileError, read_wav
+
+DEFAULT_CONFIG_PATH = Path("/etc/linerec/linerec.toml")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+"""Line and device names: they appear in MQTT topics, call ids and file names."""
+
+SUPPORTED_RATES = (8000, 16000)
+
+
+class ConfigError(ValueError):
+    """A config problem; ``str()`` names the file, the key, what is wrong and what to do."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+class Secret(str):
+    """A string that never shows itself in reprs or logs."""
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"min": lo, "max": hi}
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    rate: int = field(default=8000, metadata={"choices": SUPPORTED_RATES})
+    """Sample rate of every capture and playback device (hertz)."""
+    period_frames: int = field(default=160, metadata=_range(32, 4096))
+    """ALSA period size (frames): the engine's tick; 160 frames is 20 ms at 8 kHz."""
+    periods: int = field(default=4, metadata=_range(2, 64))
+    """ALSA periods per buffer."""
+    bitrate: int = field(default=12000, metadata=_range(6000, 64000))
+    """Opus bitrate (bits per second)."""
+    complexity: int = field(default=9, metadata=_range(0, 10))
+    """Opus encoder complexity (0 fastest, 10 best)."""
+    page_interval_s: float = field(default=1.0, metadata=_range(0.02, 10.0))
+    """Longest time between two Ogg pages written to disk (seconds)."""
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    name: str
+    """Name that lines use to refer to this capture device."""
+    device: str
+    """ALSA PCM name of the capture device (for example hw:CARD=tapHAT)."""
+    channels: int = field(default=1, metadata=_range(1, 32))
+    """Channels the device is opened with; each line taps one of them."""
+
+
+@dataclass(frozen=True)
+class LineConfig:
+    name: str
+    """Name of the line in events, topics and file names."""
+    capture: str
+    """Name of the [[capture]] device this line is tapped on."""
+    playback: str
+    """ALSA PCM name of the line output that plays the disclosure into the line."""
+    hook_pin: int = field(metadata=_range(0, 53))
+    """BCM GPIO of the off-hook sensor."""
+    ring_pin: int = field(metadata=_range(0, 53))
+    """BCM GPIO of the ring detector."""
+    led_pin: int = field(metadata=_range(0, 53))
+    """BCM GPIO of the recording LED."""
+    disclosure: Path
+    """WAV file announcing that the call is recorded and for what purpose."""
+    channel: int = field(default=0, metadata=_range(0, 31))
+    """Channel of the capture device that carries this line (0-based)."""
+    hook_active_high: bool = True
+    """True when the hook input reads high while the line is off-hook."""
+    ring_active_high: bool = True
+    """True when the ring input reads high while the line rings."""
+    hook_debounce_ms: int = field(default=40, metadata=_range(0, 500))
+    """A hook change shorter than this is contact bounce (milliseconds)."""
+    onhook_confirm_ms: int = field(default=800, metadata=_range(100, 2000))
+    """On-hook must last this long to end a call; shorter loop breaks are pulse dialling
+    or hook-flash (milliseconds)."""
+    ring_window_s: float = field(default=6.0, metadata=_range(1.0, 30.0))
+    """Off-hook within this time after a ring answers an inbound call (seconds)."""
+    disclosure_max_s: float = field(default=30.0, metadata=_range(1.0, 120.0))
+    """Longest disclosure accepted (seconds)."""
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str
+    """Broker host name or address."""
+    port: int = field(default=1883, metadata=_range(1, 65535))
+    """Broker TCP port."""
+    username: str = ""
+    """User name; empty for an anonymous connection."""
+    password: Secret = Secret("")
+    """Password; never printed."""
+    topic_prefix: str = "linerec"
+    """First level of every topic."""
+    keepalive_s: int = field(default=30, metadata=_range(5, 3600))
+    """MQTT keepalive (seconds)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    storage: Path
+    """Folder where recordings and receipts are written."""
+    capture: tuple[CaptureConfig, ...]
+    """The ALSA capture devices."""
+    line: tuple[LineConfig, ...]
+    """The telephone lines."""
+    device_id: str = "linerec"
+    """This appliance's name in MQTT topics and events."""
+    audio: AudioConfig = AudioConfig()
+    """Audio format and encoder settings shared by every line."""
+    mqtt: MqttConfig | None = None
+    """Broker settings; without them the daemon runs and only logs its events."""
+    source: str = field(default="<config>", metadata={"internal": True})
+
+    def capture_by_name(self, name: str) -> CaptureConfig:
+        return next(c for c in self.capture if c.name == name)
+
+    def lines_on(self, capture: CaptureConfig) -> tuple[LineConfig, ...]:
+        return tuple(line for line in self.line if line.capture == capture.name)
+
+
+def load_config(path: Path) -> Config:
+    """Read and check a config file; raises ConfigError naming the file and key."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(source, "(file)", "not found; pass --config PATH") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "(file)", f"cannot be read: {exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(syntax)", f"not valid TOML: {exc}") from exc
+    return config_from_dict(data, source=source, base=path.parent)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str, base: Path) -> Config:
+    """Build a checked Config; relative paths are taken from ``base``."""
+    config = dataclasses.replace(_build(Config, data, source, "", base), source=source)
+    _check_references(config)
+    return config
+
+
+def _build(cls: type, data: Any, source: str, where: str, base: Path) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(source, where or "(top level)", "expected a table")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            source,
+            _key(where, unknown[0]),
+            f"unknown key; known keys here are: {', '.join(sorted(fields))}",
+        )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _key(where, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, key, "missing; this key is required")
+            continue
+        values[name] = _convert(hints[name], data[name], f, source, key, base)
+    return cls(**values)
+
+
+def _convert(
+    hint: Any, value: Any, f: dataclasses.Field[Any], source: str, key: str, base: Path
+) -> Any:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return _convert(inner[0], value, f, source, key, base)
+    if origin is tuple:
+        item = get_args(hint)[0]
+        if not isinstance(value, list):
+            raise ConfigError(source, key, f"expected a list of tables ([[{key}]])")
+        return tuple(
+            _build(item, v, source, f"{key}[{i}]", base) for i, v in enumerate(value)
+        )
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key, base)  # type: ignore[arg-type]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"expected a whole number, got {value!r}")
+        return _in_range(value, f, source, key)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(source, key, f"expected a number, got {value!r}")
+        return _in_range(float(value), f, source, key)
+    if hint in (str, Secret):
+        if not isinstance(value, str):
+            raise ConfigError(source, key, "expected a string in quotes")
+        return hint(value)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(source, key, "expected a path in quotes")
+        path = Path(value)
+        return path if path.is_absolute() else base / path
+    raise TypeError(f"no converter for {hint}")  # pragma: no cover - schema bug
+
+
+def _in_range(value: float, f: dataclasses.Field[Any], source: str, key: str) -> Any:
+    lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(str(c) for c in choices)
+        raise ConfigError(source, key, f"{value!r} is not supported; use one of {allowed}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(source, key, f"{value!r} is out of range; use {lo} to {hi}")
+    return value
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _check_references(config: Config) -> None:
+    source = config.source
+
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(source, key, problem)
+
+    if not NAME_PATTERN.match(config.device_id):
+        fail("device_id", "use 1-32 lower-case letters, digits, '-' or '_'")
+    if not config.line:
+        fail("line", "no lines configured; add at least one [[line]] table")
+    captures: dict[str, CaptureConfig] = {}
+    for i, cap in enumerate(config.capture):
+        if not NAME_PATTERN.match(cap.name):
+            fail(f"capture[{i}].name", "use 1-32 lower-case letters, digits, '-' or '_'")
+        if cap.name in captures:
+            fail(f"capture[{i}].name", f"{cap.name!r} is used twice; names must be unique")
+        captures[cap.name] = cap
+    names: set[str] = set()
+    pins: dict[int, str] = {}
+    taps: dict[tuple[str, int], str] = {}
+    for i, line in enumerate(config.line):
+        where = f"line[{i}]"
+        if not NAME_PATTERN.match(line.name):
+            fail(f"{where}.name", "use 1-32 lower-case letters, digits, '-' or '_'")
+        if line.name in names:
+            fail(f"{where}.name", f"{line.name!r} is used twice; line names must be unique")
+        names.add(line.name)
+        cap = captures.get(line.capture)
+        if cap is None:
+            fail(f"{where}.capture", f"no [[capture]] is named {line.capture!r}")
+            continue
+        if line.channel >= cap.channels:
+            fail(
+                f"{where}.channel",
+                f"capture {cap.name!r} has {cap.channels} channel(s); use 0 to {cap.channels - 1}",
+            )
+        if (cap.name, line.channel) in taps:
+            fail(f"{where}.channel", f"already tapped by line {taps[(cap.name, line.channel)]!r}")
+        taps[(cap.name, line.channel)] = line.name
+        for pin_key in ("hook_pin", "ring_pin", "led_pin"):
+            pin = getattr(line, pin_key)
+            if pin in pins:
+                fail(f"{where}.{pin_key}", f"GPIO {pin} is already used as {pins[pin]}")
+            pins[pin] = f"{line.name}.{pin_key}"
+        check_disclosure(line.disclosure, line.disclosure_max_s, source, f"{where}.disclosure")
+
+
+def check_disclosure(path: Path, max_s: float, source: str, key: str) -> float:
+    """A disclosure must exist, decode and be short enough; returns its length (seconds)."""
+    try:
+        samples, rate = read_wav(path)
+    except AudioFileError as exc:
+        raise ConfigError(source, key, str(exc)) from exc
+    seconds = len(samples) / rate
+    if seconds > max_s:
+        raise ConfigError(
+            source, key, f"{path} lasts {seconds:.1f} s, over disclosure_max_s = {max_s}"
+        )
+    return seconds

@@ -1,0 +1,463 @@
+"""One telephone line: its call state machine, with the compliance rule in one place.
+
+A line moves through these states, one tick (one capture period) at a time:
+
+    IDLE ──ring──▶ RINGING ──off-hook──▶ DISCLOSING ──disclosure heard──▶ RECORDING
+      ▲                                      │ failed (file, ALSA, loop opened,  │
+      │                                      ▼ outbound)                         │
+      └──────────────── on-hook ──────── UNRECORDED ◀───────────────────────────┘ on-hook ends
+                                                                                   the call too
+
+The compliance rule: no sample is ever written unless that call's disclosure has played
+to completion on the line, and nothing captured before it ended is written. It is enforced
+in exactly one place, ``_arm_recording``, which needs the ``DisclosureHeard`` proof that
+only ``_complete_disclosure`` creates, and starts the recording at the first sample after
+the disclosure left the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from linerec.audio.pcm import AudioFileError, load_line_audio
+from linerec.audio.recording import RecordingFile
+from linerec.audio.ring import RingOverrun, SampleRing
+from linerec.daemon import __version__
+from linerec.daemon.config import AudioConfig, LineConfig
+from linerec.daemon.events import EventBus, EventKind, iso_ms, make_event
+from linerec.daemon.paths import new_call_id, receipt_path, recording_path
+from linerec.daemon.receipt import write_receipt
+from linerec.hw.base import BinaryInput, Clock, HardwareError, Indicator, LineOutput
+
+logger = logging.getLogger(__name__)
+
+
+class LineState(StrEnum):
+    IDLE = "idle"
+    RINGING = "ringing"
+    DISCLOSING = "disclosing"
+    RECORDING = "recording"
+    UNRECORDED = "unrecorded"
+    """Off-hook, call going on, nothing recorded: the disclosure failed or was not possible."""
+
+
+class HookEdge(Enum):
+    OFFHOOK = "offhook"
+    ONHOOK = "onhook"
+
+
+class HookFilter:
+    """Debounces the hook input on the audio clock.
+
+    Edges are dated to the first period in which the new level was seen, so a recording
+    stops at the sample where the loop opened, not when the on-hook was confirmed. A loop
+    break shorter than ``onhook_confirm`` (pulse dialling, hook-flash) does not end a call.
+    """
+
+    def __init__(self, *, debounce: int, onhook_confirm: int) -> None:
+        self.debounce = debounce
+        self.onhook_confirm = onhook_confirm
+        self.offhook = False
+        """Confirmed state."""
+        self._raw = False
+        self._raw_since = 0
+        self._end = 0
+
+    def update(self, start: int, frames: int, raw_offhook: bool) -> tuple[HookEdge, int] | None:
+        """Feed the level seen for samples [start, start + frames); returns a confirmed edge
+        and the sample position where it began."""
+        if raw_offhook != self._raw:
+            self._raw = raw_offhook
+            self._raw_since = start
+        self._end = start + frames
+        held = self._end - self._raw_since
+        if not self.offhook and raw_offhook and held >= max(self.debounce, 1):
+            self.offhook = True
+            return HookEdge.OFFHOOK, self._raw_since
+        if self.offhook and not raw_offhook and held >= self.onhook_confirm:
+            self.offhook = False
+            return HookEdge.ONHOOK, self._raw_since
+        return None
+
+    @property
+    def loop_open(self) -> bool:
+        """Off-hook, but the loop has been open for longer than contact bounce."""
+        open_for = self._end - self._raw_since
+        return self.offhook and not self._raw and open_for >= max(self.debounce, 1)
+
+
+@dataclass(frozen=True)
+class DisclosureHeard:
+    """Proof that a call's disclosure played to completion: ``line_end`` is the first
+    capture sample after the last disclosure sample left the line output."""
+
+    call_id: str
+    line_end: int
+
+
+@dataclass
+class Call:
+    call_id: str
+    direction: str
+    offhook_sample: int
+    started_at: datetime
+    disclosure_file: Path
+    disclosure_sha256: str | None = None
+    disclosure: np.ndarray | None = None
+    disclosure_first_sample: int | None = None
+    """Playback position of the first disclosure sample."""
+    disclosure_written: int = 0
+    disclosure_line_end: int | None = None
+    disclosure_started_at: datetime | None = None
+    disclosure_completed_at: datetime | None = None
+    disclosure_failure: str | None = None
+    recording: RecordingFile | None = None
+    recording_first_sample: int | None = None
+    recording_next_sample: int = 0
+    recording_summary: dict[str, Any] | None = None
+    lost_samples: int = 0
+
+
+class Line:
+    """A line's call state machine, driven by ``tick`` once per capture period."""
+
+    def __init__(
+        self,
+        config: LineConfig,
+        audio: AudioConfig,
+        *,
+        capture_name: str,
+        capture_period: int,
+        ring: SampleRing,
+        hook: BinaryInput,
+        ringer: BinaryInput,
+        led: Indicator,
+        output: LineOutput,
+        clock: Clock,
+        storage: Path,
+        device_id: str,
+        events: EventBus,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.state = LineState.IDLE
+        self._audio = audio
+        self._rate = audio.rate
+        self._capture_name = capture_name
+        self._ring_buffer = ring
+        self._hook_input = hook
+        self._ring_input = ringer
+        self._led = led
+        self._output = output
+        self._clock = clock
+        self._storage = storage
+        self._device_id = device_id
+        self._events = events
+        ms = self._rate // 1000
+        self._hook = HookFilter(
+            debounce=config.hook_debounce_ms * ms, onhook_confirm=config.onhook_confirm_ms * ms
+        )
+        # What is written to the line output leaves it at most one output buffer later and
+        # reaches us through the tap at most one capture period after that.
+        self._output_latency = output.buffer_frames + capture_period
+        # The encoder stays this far behind the capture, so that a confirmed on-hook can
+        # still cut the recording at the sample where the loop opened.
+        self._encode_lag = self._hook.onhook_confirm
+        self._ring_window = round(config.ring_window_s * self._rate)
+        self._last_ring: int | None = None
+        self._silence = np.zeros(0, dtype=np.int16)
+        self._output_failed = False
+        self.call: Call | None = None
+
+    # ---- the tick -------------------------------------------------------------------
+
+    def tick(self, start: int, frames: int) -> None:
+        """Advance the line over capture samples [start, start + frames)."""
+        end = start + frames
+        if self._ring_input.is_active:
+            self._last_ring = end
+        edge = self._hook.update(start, frames, self._hook_input.is_active)
+
+        if self.state in (LineState.IDLE, LineState.RINGING):
+            if edge and edge[0] is HookEdge.OFFHOOK:
+                self._answer(edge[1], start)
+            else:
+                ringing = self._last_ring is not None and end - self._last_ring < self._ring_window
+                self.state = LineState.RINGING if ringing else LineState.IDLE
+        elif self.state is LineState.DISCLOSING:
+            if self._hook.loop_open:
+                self._fail_disclosure("the loop opened (on-hook or hook-flash) during the disclosure",
+                                      end)
+            elif self._disclosure_heard_by(end):
+                self._arm_recording(self._complete_disclosure())
+        elif self.state in (LineState.RECORDING, LineState.UNRECORDED):
+            if edge and edge[0] is HookEdge.ONHOOK:
+                self._end_call(edge[1], "onhook")
+
+        self._play(frames, start)
+        if self.state is LineState.RECORDING:
+            self._record_until(end - self._encode_lag)
+
+    def shutdown(self, position: int) -> None:
+        """The service stops: close an open recording with what was captured."""
+        if self.state is LineState.DISCLOSING:
+            self._fail_disclosure("the service stopped during the disclosure", position)
+        if self.state in (LineState.RECORDING, LineState.UNRECORDED):
+            self._end_call(position, "shutdown")
+        self.state = LineState.IDLE
+
+    def fault(self, position: int, exc: BaseException) -> None:
+        """An unexpected error in this line: end the call safely and start over idle."""
+        self._emit(EventKind.ERROR, position, message=f"internal error on line {self.name}: {exc}")
+        call = self.call
+        if call is not None and call.recording is not None:
+            try:
+                self._stop_recording(position)
+            except Exception:
+                logger.exception("could not close the recording of %s", call.call_id)
+                call.recording.abandon()
+                call.recording = None
+                self._led.off()
+        self.call = None
+        self.state = LineState.IDLE
+
+    # ---- call steps -----------------------------------------------------------------
+
+    def _answer(self, offhook_at: int, now: int) -> None:
+        inbound = self._last_ring is not None and offhook_at - self._last_ring < self._ring_window
+        started = self._clock.timestamp(self._capture_name, offhook_at)
+        call = Call(
+            call_id=new_call_id(self.name, started),
+            direction="inbound" if inbound else "outbound",
+            offhook_sample=offhook_at,
+            started_at=started,
+            disclosure_file=self.config.disclosure,
+        )
+        self.call = call
+        self._emit(EventKind.CALL_STARTED, offhook_at, direction=call.direction)
+        if not inbound:
+            # On an outbound call the far end hears nothing until it answers, and this
+            # version cannot detect the answer yet: a notice played now would be lost, so
+            # the call is not recorded.
+            self._fail_disclosure(
+                "outbound call: answer detection is not available, so the far end could "
+                "not hear the disclosure; the call is not recorded", now)
+            return
+        try:
+            data = call.disclosure_file.read_bytes()
+            call.disclosure = load_line_audio(call.disclosure_file, self._rate)
+        except (OSError, AudioFileError) as exc:
+            self._fail_disclosure(f"disclosure file cannot be played: {exc}", now)
+            return
+        call.disclosure_sha256 = hashlib.sha256(data).hexdigest()
+        call.disclosure_first_sample = now
+        call.disclosure_started_at = self._clock.timestamp(self._capture_name, now)
+        self.state = LineState.DISCLOSING
+        self._emit(EventKind.DISCLOSURE_STARTED, now, file=str(call.disclosure_file),
+                   duration_s=round(len(call.disclosure) / self._rate, 3))
+
+    def _disclosure_heard_by(self, end: int) -> bool:
+        call = self.call
+        assert call is not None and call.disclosure is not None
+        if call.disclosure_written < len(call.disclosure):
+            return False
+        assert call.disclosure_first_sample is not None
+        call.disclosure_line_end = (
+            call.disclosure_first_sample + len(call.disclosure) + self._output_latency
+        )
+        return end >= call.disclosure_line_end
+
+    def _complete_disclosure(self) -> DisclosureHeard:
+        call = self.call
+        assert call is not None and call.disclosure_line_end is not None
+        call.disclosure_completed_at = self._clock.timestamp(self._capture_name,
+                                                             call.disclosure_line_end)
+        self._emit(EventKind.DISCLOSURE_COMPLETED, call.disclosure_line_end)
+        return DisclosureHeard(call.call_id, call.disclosure_line_end)
+
+    def _fail_disclosure(self, reason: str, position: int) -> None:
+        call = self.call
+        assert call is not None
+        call.disclosure_failure = reason
+        call.disclosure = None
+        self.state = LineState.UNRECORDED
+        self._emit(EventKind.DISCLOSURE_FAILED, position, reason=reason)
+
+    def _arm_recording(self, heard: DisclosureHeard) -> None:
+        """THE compliance rule: recording starts only from proof that this call's disclosure
+        was heard, at the first sample after it left the line; nothing earlier is written."""
+        call = self.call
+        assert call is not None and heard.call_id == call.call_id
+        path = recording_path(self._storage, call.call_id, call.started_at)
+        try:
+            call.recording = RecordingFile(
+                path,
+                rate=self._rate,
+                bitrate=self._audio.bitrate,
+                complexity=self._audio.complexity,
+                page_interval_s=self._audio.page_interval_s,
+                vendor=f"linerec {__version__}",
+                tags={
+                    "call_id": call.call_id,
+                    "line": self.name,
+                    "direction": call.direction,
+                    "start_time": call.started_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "device_id": self._device_id,
+                },
+            )
+        except OSError as exc:
+            self.state = LineState.UNRECORDED
+            self._emit(EventKind.ERROR, heard.line_end,
+                       message=f"cannot create the recording {path}: {exc}")
+            return
+        call.recording_first_sample = heard.line_end
+        call.recording_next_sample = heard.line_end
+        self.state = LineState.RECORDING
+        self._led.on()
+        self._emit(EventKind.RECORDING_STARTED, heard.line_end, file=str(path))
+
+    def _record_until(self, limit: int) -> None:
+        call = self.call
+        assert call is not None and call.recording is not None
+        count = limit - call.recording_next_sample
+        if count <= 0:
+            return
+        try:
+            samples = self._ring_buffer.read(call.recording_next_sample, count)
+        except RingOverrun as exc:
+            # The encoder fell behind the capture: keep the timeline with silence.
+            lost = exc.oldest - exc.start
+            call.lost_samples += lost
+            samples = np.concatenate([
+                np.zeros(lost, np.int16), self._ring_buffer.read(exc.oldest, limit - exc.oldest)
+            ])
+        try:
+            call.recording.write(samples)
+        except OSError as exc:
+            self._emit(EventKind.ERROR, limit, message=f"writing the recording failed: {exc}")
+            call.recording.abandon()
+            call.recording = None
+            self._led.off()
+            self.state = LineState.UNRECORDED
+            return
+        call.recording_next_sample = limit
+
+    def _stop_recording(self, stop: int) -> None:
+        call = self.call
+        assert call is not None and call.recording is not None
+        first = call.recording_first_sample
+        assert first is not None
+        self._record_until(max(stop, call.recording_next_sample))
+        recording = call.recording
+        if recording is None:  # writing failed on the way
+            return
+        size = recording.close()
+        call.recording = None
+        self._led.off()
+        duration = round(recording.samples / self._rate, 3)
+        call.recording_summary = {
+            "file": recording.path.name,
+            "first_sample": first,
+            "end_sample": first + recording.samples,
+            "duration_s": duration,
+            "bytes": size,
+            "codec": "opus",
+            "sample_rate": self._rate,
+            "bitrate": self._audio.bitrate,
+            "lost_samples": call.lost_samples,
+        }
+        self._emit(EventKind.RECORDING_STOPPED, first + recording.samples,
+                   file=str(recording.path), duration_s=duration, bytes=size)
+
+    def _end_call(self, at: int, reason: str) -> None:
+        call = self.call
+        assert call is not None
+        if call.recording is not None:
+            self._stop_recording(at)
+        ended = self._clock.timestamp(self._capture_name, at)
+        duration = round((at - call.offhook_sample) / self._rate, 3)
+        self._emit(EventKind.CALL_ENDED, at, reason=reason, duration_s=duration,
+                   recorded=call.recording_summary is not None)
+        self._write_receipt(call, at, ended, reason)
+        self.call = None
+        self.state = LineState.IDLE
+
+    # ---- outputs --------------------------------------------------------------------
+
+    def _play(self, frames: int, start: int) -> None:
+        """Write one period to the line output: the disclosure while disclosing, else
+        silence, so the output runs in step with the capture clock."""
+        call = self.call
+        chunk: np.ndarray
+        if self.state is LineState.DISCLOSING and call is not None and call.disclosure is not None:
+            chunk = call.disclosure[call.disclosure_written : call.disclosure_written + frames]
+            if len(chunk) < frames:
+                chunk = np.concatenate([chunk, np.zeros(frames - len(chunk), np.int16)])
+        else:
+            if len(self._silence) != frames:
+                self._silence = np.zeros(frames, np.int16)
+            chunk = self._silence
+        try:
+            self._output.write(chunk)
+        except HardwareError as exc:
+            if self.state is LineState.DISCLOSING:
+                self._fail_disclosure(f"the line output failed: {exc}", start)
+            elif not self._output_failed:
+                self._emit(EventKind.ERROR, start, message=str(exc))
+            self._output_failed = True
+            return
+        self._output_failed = False
+        if self.state is LineState.DISCLOSING and call is not None and call.disclosure is not None:
+            call.disclosure_written = min(len(call.disclosure), call.disclosure_written + frames)
+
+    def _emit(self, kind: EventKind, position: int, **fields: Any) -> None:
+        call = self.call
+        self._events.emit(make_event(
+            kind,
+            line=self.name,
+            call_id=call.call_id if call else None,
+            ts=self._clock.timestamp(self._capture_name, position),
+            sample=position,
+            **fields,
+        ))
+
+    def _write_receipt(self, call: Call, at: int, ended: datetime, reason: str) -> None:
+        path = receipt_path(self._storage, call.call_id, call.started_at)
+        receipt = {
+            "call_id": call.call_id,
+            "line": self.name,
+            "device_id": self._device_id,
+            "direction": call.direction,
+            "started_at": iso_ms(call.started_at),
+            "ended_at": iso_ms(ended),
+            "end_reason": reason,
+            "sample_rate": self._rate,
+            "offhook_sample": call.offhook_sample,
+            "disclosure": {
+                "file": str(call.disclosure_file),
+                "sha256": call.disclosure_sha256,
+                "first_sample": call.disclosure_first_sample,
+                "line_end_sample": call.disclosure_line_end
+                if call.disclosure_completed_at else None,
+                "started_at": iso_ms(call.disclosure_started_at)
+                if call.disclosure_started_at else None,
+                "completed_at": iso_ms(call.disclosure_completed_at)
+                if call.disclosure_completed_at else None,
+                "status": "failed" if call.disclosure_failure else "completed",
+                "failure": call.disclosure_failure,
+            },
+            "recording": call.recording_summary,
+            "linerec_version": __version__,
+        }
+        try:
+            write_receipt(path, receipt)
+        except OSError as exc:
+            self._emit(EventKind.ERROR, at, message=f"cannot write the receipt {path}: {exc}")

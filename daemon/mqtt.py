@@ -1,0 +1,87 @@
+"""MQTT adapter: the only module that imports paho-mqtt."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from linerec.daemon.config import MqttConfig
+
+logger = logging.getLogger(__name__)
+
+
+class MqttEventSink:
+    """Publishes events with QoS 1 to ``<prefix>/<device_id>/line/<line>/event``.
+
+    The client connects in the background and reconnects by itself; paho queues QoS 1
+    messages published while it is offline, so the recorder never waits for the broker.
+    """
+
+    def __init__(self, config: MqttConfig, device_id: str) -> None:
+        self._config = config
+        self._base = f"{config.topic_prefix}/{device_id}"
+        self._connected = threading.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"linerec-{device_id}", clean_session=False
+        )
+        if config.username:
+            self._client.username_pw_set(config.username, config.password or None)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.reconnect_delay_set(min_delay=1, max_delay=60)
+        self._pending: list[mqtt.MQTTMessageInfo] = []
+
+    def start(self, wait_s: float = 0.0) -> None:
+        """Connect in the background; optionally wait a little for the first connection."""
+        self._client.connect_async(self._config.host, self._config.port,
+                                   keepalive=self._config.keepalive_s)
+        self._client.loop_start()
+        if wait_s and not self._connected.wait(wait_s):
+            logger.warning("MQTT broker %s:%d not reachable yet; events are queued",
+                           self._config.host, self._config.port)
+
+    def topic(self, line: str | None) -> str:
+        return f"{self._base}/line/{line}/event" if line else f"{self._base}/event"
+
+    def publish(self, event: dict[str, Any]) -> None:
+        info = self._client.publish(self.topic(event.get("line")), json.dumps(event), qos=1)
+        self._pending = [p for p in self._pending if not p.is_published()]
+        self._pending.append(info)
+
+    def stop(self, flush_s: float = 5.0) -> None:
+        """Give queued events up to ``flush_s`` to reach the broker, then disconnect."""
+        deadline = time.monotonic() + flush_s
+        for info in self._pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._connected.is_set():
+                break
+            try:
+                info.wait_for_publish(timeout=remaining)
+            except (RuntimeError, ValueError):
+                break
+        unsent = sum(1 for p in self._pending if not p.is_published())
+        if unsent:
+            logger.warning("%d event(s) had not reached the MQTT broker at shutdown", unsent)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            logger.warning("MQTT broker %s:%d refused the connection: %s",
+                           self._config.host, self._config.port, reason)
+            return
+        logger.info("connected to MQTT broker %s:%d", self._config.host, self._config.port)
+        self._connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+        if reason.is_failure:
+            logger.warning("MQTT connection lost (%s); reconnecting", reason)

@@ -1,0 +1,130 @@
+"""The recorder: builds lines and engines from the config, starts them in order, stops them
+in reverse."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from linerec.audio.ring import SampleRing
+from linerec.daemon.config import Config
+from linerec.daemon.engine import CaptureThread, TapEngine
+from linerec.daemon.events import EventBus
+from linerec.daemon.line import Line
+from linerec.hw.base import Hat
+
+logger = logging.getLogger(__name__)
+
+RING_SECONDS = 4
+"""Each line's ring holds at least this much audio: the engine may fall this far behind
+(and the encoder's on-hook lag, at most 2 s, lives inside it)."""
+
+
+class Recorder:
+    """All lines of the appliance. ``start`` arms every line (devices open, GPIO claimed,
+    capture running); ``stop`` closes calls in progress and releases the hardware."""
+
+    def __init__(self, config: Config, hat: Hat, events: EventBus, *,
+                 until: int | None = None) -> None:
+        self.config = config
+        self.hat = hat
+        self.events = events
+        self.until = until
+        self.engines: list[TapEngine] = []
+        self.lines: list[Line] = []
+        self._closers: list[Callable[[], Any]] = []
+
+    def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self._close_all()
+            raise
+
+    def _start(self) -> None:
+        audio = self.config.audio
+        for capture_config in self.config.capture:
+            line_configs = self.config.lines_on(capture_config)
+            if not line_configs:
+                continue
+            stream = self.hat.open_capture(capture_config, audio)
+            self._closers.append(stream.close)
+            rings: dict[int, SampleRing] = {}
+            lines: list[Line] = []
+            for line_config in line_configs:
+                ring = SampleRing(audio.rate * RING_SECONDS)
+                rings[line_config.channel] = ring
+                output = self.hat.open_line_output(line_config, audio)
+                self._closers.append(output.close)
+                hook = self.hat.hook_sensor(line_config)
+                self._closers.append(hook.close)
+                ringer = self.hat.ring_sensor(line_config)
+                self._closers.append(ringer.close)
+                led = self.hat.recording_led(line_config)
+                led.off()
+                self._closers.append(led.close)
+                lines.append(Line(
+                    line_config,
+                    audio,
+                    capture_name=capture_config.name,
+                    capture_period=stream.period_frames,
+                    ring=ring,
+                    hook=hook,
+                    ringer=ringer,
+                    led=led,
+                    output=output,
+                    clock=self.hat.clock,
+                    storage=self.config.storage,
+                    device_id=self.config.device_id,
+                    events=self.events,
+                ))
+            capture = CaptureThread(capture_config.name, stream, rings)
+            engine = TapEngine(capture_config.name, capture, lines, clock=self.hat.clock,
+                               period=stream.period_frames, events=self.events,
+                               until=self.until)
+            self.engines.append(engine)
+            self.lines.extend(lines)
+        for engine in self.engines:
+            engine.capture.start()
+            engine.start()
+        logger.info("armed %d line(s): %s", len(self.lines),
+                    ", ".join(line.name for line in self.lines))
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        return ", ".join(f"{line.name}: {line.state}" for line in self.lines)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every engine has ended (the simulator's end, or a device failure)."""
+        for engine in self.engines:
+            if not engine.done.wait(timeout):
+                return False
+        return True
+
+    def any_engine_done(self) -> bool:
+        return any(engine.done.is_set() for engine in self.engines)
+
+    def stop(self) -> None:
+        """Stop in reverse order of start: engines, open calls, capture, devices."""
+        for engine in self.engines:
+            engine.stop()
+        for engine in self.engines:
+            engine.join(timeout=10)
+            engine.shutdown_lines()
+        for engine in self.engines:
+            engine.capture.request_stop()
+        self.hat.release_capture()
+        for engine in self.engines:
+            engine.capture.join(timeout=5)
+            if engine.capture.is_alive():
+                logger.warning("capture thread %s did not stop", engine.capture.name)
+        self._close_all()
+
+    def _close_all(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:
+                logger.exception("closing %r failed", closer)

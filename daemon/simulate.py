@@ -1,0 +1,113 @@
+"""`linerec simulate` and `linerec demo`: the real daemon on the simulated HAT."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, TextIO
+
+from linerec.daemon.config import Config, config_from_dict
+from linerec.daemon.events import EventBus, EventSink
+from linerec.daemon.mqtt import MqttEventSink
+from linerec.daemon.runtime import Recorder
+from linerec.hw.scenario import Scenario
+from linerec.hw.sim import SimulatedHat
+
+logger = logging.getLogger(__name__)
+
+
+def packaged_disclosure(language: str = "en") -> Path:
+    """A disclosure that ships with linerec (generated speech)."""
+    return Path(str(files("linerec.audio") / "disclosures" / f"{language}.wav"))
+
+
+def demo_scenario() -> Path:
+    return Path(str(files("linerec.hw") / "scenarios" / "demo.toml"))
+
+
+def simulated_config(storage: Path) -> Config:
+    """The built-in config of the simulated HAT: two lines on one two-channel tap."""
+    disclosure = str(packaged_disclosure("en"))
+    return config_from_dict(
+        {
+            "device_id": "linerec-sim",
+            "storage": str(storage),
+            "capture": [{"name": "tap", "device": "simulated", "channels": 2}],
+            "line": [
+                {"name": "line1", "capture": "tap", "channel": 0, "playback": "simulated",
+                 "hook_pin": 17, "ring_pin": 27, "led_pin": 22, "disclosure": disclosure},
+                {"name": "line2", "capture": "tap", "channel": 1, "playback": "simulated",
+                 "hook_pin": 23, "ring_pin": 24, "led_pin": 25, "disclosure": disclosure},
+            ],
+        },
+        source="<built-in simulated config>",
+        base=Path.cwd(),
+    )
+
+
+class RecordingCollector:
+    """Remembers the recordings a simulation produced, for the summary at the end."""
+
+    def __init__(self) -> None:
+        self.recordings: list[str] = []
+
+    def publish(self, event: dict[str, Any]) -> None:
+        if event["event"] == "recording_stopped":
+            self.recordings.append(event["file"])
+
+
+class DemoPrinter:
+    """Events as a person reads them."""
+
+    def __init__(self, stream: TextIO, rate: int) -> None:
+        self._stream = stream
+        self._rate = rate
+
+    def publish(self, event: dict[str, Any]) -> None:
+        details = {k: v for k, v in event.items()
+                   if k not in ("event", "line", "call_id", "ts", "sample")}
+        text = "  ".join(f"{k}={v}" for k, v in details.items())
+        seconds = event.get("sample", 0) / self._rate
+        self._stream.write(f"[{seconds:7.3f} s] {event['line'] or '-':6} "
+                           f"{event['event']:21} {text}\n")
+        self._stream.flush()
+
+
+def run_simulation(
+    config: Config,
+    scenario: Scenario,
+    sinks: list[EventSink],
+    *,
+    workdir: Path | None = None,
+    realtime: bool = False,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run the scenario to its end through the real daemon code; raises on a failure."""
+    events = EventBus(sinks)
+    mqtt = None
+    if config.mqtt is not None:
+        mqtt = MqttEventSink(config.mqtt, config.device_id)
+        events.add(mqtt)
+        mqtt.start(wait_s=5.0)
+    hat = SimulatedHat(config, scenario, workdir=workdir, realtime=realtime)
+    try:
+        recorder = Recorder(config, hat, events, until=hat.total)
+        recorder.start()
+        try:
+            hat.start_lines()
+            while not recorder.wait(timeout=0.2):
+                if hat.failure() is not None or (stop is not None and stop.is_set()):
+                    break
+        finally:
+            recorder.stop()
+        if workdir is not None:
+            hat.save_line_audio()
+        failure = hat.failure()
+        if failure is not None:
+            raise failure
+    finally:
+        hat.close()
+        if mqtt is not None:
+            mqtt.stop()

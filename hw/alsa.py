@@ -1,0 +1,98 @@
+"""ALSA adapter: the only module that imports alsaaudio."""
+
+from __future__ import annotations
+
+import errno
+
+import alsaaudio
+import numpy as np
+
+from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
+from linerec.hw.base import HardwareError
+
+
+def _open(
+    pcm_type: int, device: str, *, rate: int, channels: int, audio: AudioConfig, key: str
+) -> alsaaudio.PCM:
+    try:
+        pcm = alsaaudio.PCM(
+            pcm_type,
+            alsaaudio.PCM_NORMAL,
+            rate=rate,
+            channels=channels,
+            format=alsaaudio.PCM_FORMAT_S16_LE,
+            periodsize=audio.period_frames,
+            periods=audio.periods,
+            device=device,
+        )
+    except alsaaudio.ALSAAudioError as exc:
+        raise HardwareError(f"ALSA device {device!r} ({key}) cannot be opened: {exc}") from exc
+    info = pcm.info()
+    granted = (info["rate"], info["channels"], info["format_name"])
+    if granted != (rate, channels, "S16_LE"):
+        pcm.close()
+        raise HardwareError(
+            f"ALSA device {device!r} ({key}) gave {granted[0]} Hz, {granted[1]} channel(s), "
+            f"{granted[2]}; it must do {rate} Hz, {channels} channel(s), S16_LE "
+            "(use a plughw: device to convert)"
+        )
+    return pcm
+
+
+class AlsaCapture:
+    """A capture device read in blocking periods (pyalsaaudio releases the GIL meanwhile)."""
+
+    def __init__(self, capture: CaptureConfig, audio: AudioConfig) -> None:
+        self.name = capture.device
+        self.channels = capture.channels
+        self._pcm = _open(
+            alsaaudio.PCM_CAPTURE,
+            capture.device,
+            rate=audio.rate,
+            channels=capture.channels,
+            audio=audio,
+            key=f"capture {capture.name!r}",
+        )
+        self.period_frames = int(self._pcm.info()["period_size"])
+        self.overruns = 0
+
+    def read_period(self) -> np.ndarray | None:
+        try:
+            frames, data = self._pcm.read()
+        except alsaaudio.ALSAAudioError as exc:
+            raise HardwareError(f"capture from {self.name!r} failed: {exc}") from exc
+        if frames == -errno.EPIPE:
+            # pyalsaaudio has already re-prepared the stream.
+            self.overruns += 1
+            return None
+        if frames <= 0:
+            return None
+        return np.frombuffer(data, dtype="<i2").reshape(frames, self.channels)
+
+    def close(self) -> None:
+        self._pcm.close()
+
+
+class AlsaLineOutput:
+    """A playback device for one line, written in blocking periods."""
+
+    def __init__(self, line: LineConfig, audio: AudioConfig) -> None:
+        self.name = line.playback
+        self._pcm = _open(
+            alsaaudio.PCM_PLAYBACK,
+            line.playback,
+            rate=audio.rate,
+            channels=1,
+            audio=audio,
+            key=f"line {line.name!r} playback",
+        )
+        self.buffer_frames = int(self._pcm.info()["buffer_size"])
+
+    def write(self, samples: np.ndarray) -> None:
+        try:
+            self._pcm.write(samples.astype("<i2").tobytes())
+        except alsaaudio.ALSAAudioError as exc:
+            raise HardwareError(f"playback to {self.name!r} failed: {exc}") from exc
+
+    def close(self) -> None:
+        self._pcm.close()

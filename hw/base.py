@@ -1,0 +1,95 @@
+"""The small interfaces every hardware edge implements, real and simulated alike."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+
+from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
+
+
+class HardwareError(RuntimeError):
+    """A device failed or could not be opened; the message names the device."""
+
+
+class CaptureStream(Protocol):
+    """A multi-channel capture device, read one period at a time by its capture thread."""
+
+    channels: int
+    period_frames: int
+    overruns: int
+    """Overruns (-EPIPE) seen so far; the stream has already recovered from each."""
+
+    def read_period(self) -> np.ndarray | None:
+        """Block until one period is captured; returns int16 frames shaped
+        (period_frames, channels), or None when an overrun lost samples."""
+
+    def close(self) -> None: ...
+
+
+class LineOutput(Protocol):
+    """The line output (through the HAT's transformer) that plays into one line."""
+
+    buffer_frames: int
+    """Frames the device buffers: what is written leaves the line at most this much later."""
+
+    def write(self, samples: np.ndarray) -> None:
+        """Queue mono int16 samples for playback; raises HardwareError when it fails."""
+
+    def close(self) -> None: ...
+
+
+class BinaryInput(Protocol):
+    """A GPIO input such as the hook sensor or the ring detector."""
+
+    @property
+    def is_active(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class Indicator(Protocol):
+    """A GPIO output such as the recording LED."""
+
+    @property
+    def is_lit(self) -> bool: ...
+
+    def on(self) -> None: ...
+
+    def off(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The daemon's time. Capture sample positions are the timebase; this maps them to
+    wall-clock time and, on the simulated HAT, moves the world forward."""
+
+    def advance(self, capture: str, position: int) -> None:
+        """Called before the engine reads the line inputs for samples up to ``position``."""
+
+    def timestamp(self, capture: str, position: int) -> datetime:
+        """UTC wall-clock time of a capture sample position."""
+
+
+class Hat(Protocol):
+    """Everything the daemon needs from the telephony HAT."""
+
+    clock: Clock
+
+    def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> CaptureStream: ...
+
+    def open_line_output(self, line: LineConfig, audio: AudioConfig) -> LineOutput: ...
+
+    def hook_sensor(self, line: LineConfig) -> BinaryInput: ...
+
+    def ring_sensor(self, line: LineConfig) -> BinaryInput: ...
+
+    def recording_led(self, line: LineConfig) -> Indicator: ...
+
+    def release_capture(self) -> None:
+        """Unblock capture reads so capture threads can stop (after they were told to)."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,50 @@
+"""The real telephony HAT: ALSA devices, gpiozero pins and the system clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
+from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
+from linerec.hw.gpio import GpioInput, GpioLed
+
+
+class WallClock:
+    """Real time: nothing to advance; events are stamped when they happen."""
+
+    def advance(self, capture: str, position: int) -> None:
+        pass
+
+    def timestamp(self, capture: str, position: int) -> datetime:
+        return datetime.now(UTC)
+
+
+class PiHat:
+    """The HAT on a Raspberry Pi. gpiozero picks its pin factory (lgpio on current Pis;
+    GPIOZERO_PIN_FACTORY overrides)."""
+
+    def __init__(self) -> None:
+        self.clock = WallClock()
+
+    def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
+        return AlsaCapture(capture, audio)
+
+    def open_line_output(self, line: LineConfig, audio: AudioConfig) -> AlsaLineOutput:
+        return AlsaLineOutput(line, audio)
+
+    def hook_sensor(self, line: LineConfig) -> GpioInput:
+        return GpioInput(line.hook_pin, active_high=line.hook_active_high,
+                         name=f"{line.name} hook")
+
+    def ring_sensor(self, line: LineConfig) -> GpioInput:
+        return GpioInput(line.ring_pin, active_high=line.ring_active_high,
+                         name=f"{line.name} ring")
+
+    def recording_led(self, line: LineConfig) -> GpioLed:
+        return GpioLed(line.led_pin, name=f"{line.name} LED")
+
+    def release_capture(self) -> None:
+        """A real capture device returns a period every few milliseconds by itself."""
+
+    def close(self) -> None:
+        pass

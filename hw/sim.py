@@ -1,0 +1,313 @@
+"""The simulated HAT: real alsa-lib on generated PCMs, gpiozero mock pins, a scripted line.
+
+Audio goes through the real ALSA path. Each capture device becomes an alsa-lib ``file``
+PCM over ``null`` whose ``infile`` is a FIFO that the simulated line writes; each line
+output becomes a ``file`` PCM whose output file is a FIFO that the simulated line reads.
+The line mixes what the daemon plays back into what it captures, as the tap and the line
+output sit on the same pair. Hook and ring are gpiozero MockFactory pins that the clock
+drives at their sample positions, so a simulation is deterministic and, unpaced, faster
+than real time.
+
+Lock-step: the line writes capture period k only once it has read what the daemon played
+up to the echo delay before that period. alsa-lib's file plugin hands played audio on
+once a full buffer has been written after it, so the echo delay is one playback buffer
+plus one capture period: exactly the latency the daemon allows for
+(``Line._output_latency``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import select
+import tempfile
+import threading
+import time
+import wave
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+from gpiozero.pins.mock import MockFactory
+
+from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig
+from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
+from linerec.hw.base import HardwareError
+from linerec.hw.gpio import GpioInput, GpioLed
+from linerec.hw.scenario import GpioChange, Scenario
+
+logger = logging.getLogger(__name__)
+
+STALL_TIMEOUT_S = 10.0
+
+
+def capture_pcm_name(capture: str) -> str:
+    return f"linerec_sim_tap_{capture}"
+
+
+def output_pcm_name(line: str) -> str:
+    return f"linerec_sim_out_{line}"
+
+
+class SimulatedClock:
+    """Sample positions are the time; each capture position fires the scenario's GPIO
+    changes that are due by then."""
+
+    def __init__(self, hat: SimulatedHat, rate: int, epoch: datetime) -> None:
+        self._hat = hat
+        self._rate = rate
+        self._epoch = epoch
+
+    def advance(self, capture: str, position: int) -> None:
+        self._hat.fire_gpio(capture, position)
+
+    def timestamp(self, capture: str, position: int) -> datetime:
+        return self._epoch + timedelta(seconds=position / self._rate)
+
+
+class SimulatedHat:
+    """The Hat interface on generated ALSA PCMs and mock pins, driven by a scenario."""
+
+    def __init__(self, config: Config, scenario: Scenario, *, workdir: Path | None = None,
+                 realtime: bool = False) -> None:
+        self.config = config
+        self.scenario = scenario
+        self.realtime = realtime
+        audio = config.audio
+        self.rate = audio.rate
+        self.period = audio.period_frames
+        self.total = scenario.total_samples(self.rate, self.period)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="linerec-sim-")
+            workdir = Path(self._tmp.name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = workdir
+        self.pin_factory = MockFactory()
+        self.clock = SimulatedClock(self, self.rate, datetime.now(UTC).replace(microsecond=0))
+        self._line_of = {line.name: line for line in config.line}
+        self._pending: dict[str, list[GpioChange]] = {}
+        for change in scenario.gpio_changes(self.rate):
+            capture = self._line_of[change.line].capture
+            self._pending.setdefault(capture, []).append(change)
+        self._gpio_lock = threading.Lock()
+        self._far_end = {line.name: scenario.far_end_audio(line.name, self.rate, self.total)
+                         for line in config.line}
+        self._feeders: list[_LineFeeder] = []
+        self._capture_fds: dict[str, int] = {}
+        self._output_fds: dict[str, int] = {}
+        self._outputs: dict[str, AlsaLineOutput] = {}
+        self._write_asoundrc()
+
+    # ---- the Hat interface --------------------------------------------------------
+
+    def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
+        return AlsaCapture(dataclasses.replace(capture, device=capture_pcm_name(capture.name)),
+                           audio)
+
+    def open_line_output(self, line: LineConfig, audio: AudioConfig) -> AlsaLineOutput:
+        output = AlsaLineOutput(dataclasses.replace(line, playback=output_pcm_name(line.name)),
+                                audio)
+        self._outputs[line.name] = output
+        return output
+
+    def hook_sensor(self, line: LineConfig) -> GpioInput:
+        return GpioInput(line.hook_pin, active_high=line.hook_active_high,
+                         name=f"{line.name} hook", pin_factory=self.pin_factory)
+
+    def ring_sensor(self, line: LineConfig) -> GpioInput:
+        return GpioInput(line.ring_pin, active_high=line.ring_active_high,
+                         name=f"{line.name} ring", pin_factory=self.pin_factory)
+
+    def recording_led(self, line: LineConfig) -> GpioLed:
+        return GpioLed(line.led_pin, name=f"{line.name} LED", pin_factory=self.pin_factory)
+
+    def release_capture(self) -> None:
+        """Closing the FIFO's only writer ends the capture thread's blocked read."""
+        for feeder in self._feeders:
+            feeder.stop()
+        for fd in self._capture_fds.values():
+            os.close(fd)
+        self._capture_fds.clear()
+
+    def close(self) -> None:
+        self.release_capture()
+        for fd in self._output_fds.values():
+            os.close(fd)
+        self._output_fds.clear()
+        self.pin_factory.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # ---- driving the simulated world ------------------------------------------------
+
+    def fire_gpio(self, capture: str, position: int) -> None:
+        with self._gpio_lock:
+            pending = self._pending.get(capture)
+            while pending and pending[0].sample < position:
+                change = pending.pop(0)
+                line = self._line_of[change.line]
+                pin, active_high = (
+                    (line.hook_pin, line.hook_active_high) if change.input == "hook"
+                    else (line.ring_pin, line.ring_active_high)
+                )
+                mock = self.pin_factory.pin(pin)
+                if change.active == active_high:
+                    mock.drive_high()
+                else:
+                    mock.drive_low()
+
+    def start_lines(self) -> None:
+        """Start feeding each capture device; call after the daemon opened its devices."""
+        for capture in self.config.capture:
+            lines = self.config.lines_on(capture)
+            if not lines:
+                continue
+            feeder = _LineFeeder(self, capture, lines)
+            self._feeders.append(feeder)
+            feeder.start()
+
+    def failure(self) -> BaseException | None:
+        return next((f.failure for f in self._feeders if f.failure), None)
+
+    def played(self, line: str) -> np.ndarray:
+        """Everything the daemon played into a line so far."""
+        for feeder in self._feeders:
+            if any(config.name == line for config in feeder.lines):
+                return feeder.played(line)
+        raise KeyError(line)
+
+    def save_line_audio(self) -> None:
+        """Write what each line carried and what was played into it, for inspection."""
+        for feeder in self._feeders:
+            for index, line in enumerate(feeder.lines):
+                _write_wav(self.workdir / f"{line.name}.played.wav", self.played(line.name),
+                           self.rate)
+                _write_wav(self.workdir / f"{line.name}.line.wav",
+                           feeder.line_audio[:, index][: feeder.written], self.rate)
+
+    # ---- set-up ---------------------------------------------------------------------
+
+    def _write_asoundrc(self) -> None:
+        entries = []
+        for capture in self.config.capture:
+            fifo = self._fifo(f"capture-{capture.name}.fifo")
+            # O_RDWR never blocks and keeps a writer on the FIFO until release_capture().
+            self._capture_fds[capture.name] = os.open(fifo, os.O_RDWR)
+            entries.append(
+                f'pcm.{capture_pcm_name(capture.name)} {{ type file slave.pcm "null" '
+                f'file "/dev/null" infile "{fifo}" format "raw" }}'
+            )
+        for line in self.config.line:
+            fifo = self._fifo(f"output-{line.name}.fifo")
+            self._output_fds[line.name] = os.open(fifo, os.O_RDWR)
+            entries.append(
+                f'pcm.{output_pcm_name(line.name)} {{ type file slave.pcm "null" '
+                f'file "{fifo}" format "raw" }}'
+            )
+        asoundrc = self.workdir / "asoundrc"
+        asoundrc.write_text("\n".join(entries) + "\n", encoding="utf-8")
+        # alsa-lib reads its configuration when the first PCM opens, after this.
+        os.environ["ALSA_CONFIG_PATH"] = f"/usr/share/alsa/alsa.conf:{asoundrc}"
+
+    def _fifo(self, name: str) -> Path:
+        path = self.workdir / name
+        if path.exists():
+            path.unlink()
+        os.mkfifo(path, 0o600)
+        return path
+
+
+class _LineFeeder(threading.Thread):
+    """The telephone lines of one capture device: writes what they carry, period by period,
+    with the echo of what the daemon plays into them."""
+
+    def __init__(self, hat: SimulatedHat, capture: CaptureConfig,
+                 lines: tuple[LineConfig, ...]) -> None:
+        super().__init__(name=f"sim-line-{capture.name}", daemon=True)
+        self.hat = hat
+        self.capture = capture
+        self.lines = lines
+        self.failure: BaseException | None = None
+        self._played = {line.name: np.zeros(hat.total, dtype=np.int16) for line in lines}
+        self._played_frames = {line.name: 0 for line in lines}
+        self._carry = {line.name: b"" for line in lines}
+        self.line_audio = np.zeros((hat.total, len(lines)), dtype=np.int16)
+        self.written = 0
+        self._stopping = False
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:
+            self.failure = exc
+            logger.exception("the simulated line %s failed", self.capture.name)
+
+    def _run(self) -> None:
+        hat = self.hat
+        period = hat.period
+        fd = hat._capture_fds[self.capture.name]
+        delays = {line.name: hat._outputs[line.name].buffer_frames + period for line in self.lines}
+        started = time.monotonic()
+        for start in range(0, hat.total, period):
+            if self._stopping:
+                return
+            if hat.realtime:
+                lag = started + start / hat.rate - time.monotonic()
+                if lag > 0:
+                    time.sleep(lag)
+            block = np.zeros((period, self.capture.channels), dtype=np.int16)
+            for index, line in enumerate(self.lines):
+                delay = delays[line.name]
+                echo = self._echo(line.name, start - delay, period)
+                mixed = hat._far_end[line.name][start : start + period] + echo
+                samples = np.clip(np.round(mixed), -32768, 32767).astype(np.int16)
+                block[:, line.channel] = samples
+                self.line_audio[start : start + period, index] = samples
+            os.write(fd, block.astype("<i2").tobytes())
+            self.written = start + period
+
+    def _echo(self, line: str, first: int, count: int) -> np.ndarray:
+        """Played samples [first, first + count) as heard on the line (zero before 0)."""
+        out = np.zeros(count, dtype=np.float64)
+        if first + count <= 0:
+            return out
+        self._read_played(line, first + count)
+        lo = max(first, 0)
+        out[lo - first :] = self._played[line][lo : first + count]
+        return out
+
+    def played(self, line: str) -> np.ndarray:
+        return self._played[line][: self._played_frames[line]]
+
+    def _read_played(self, line: str, frames: int) -> None:
+        fd = self.hat._output_fds[line]
+        while self._played_frames[line] < frames:
+            ready, _, _ = select.select([fd], [], [], STALL_TIMEOUT_S)
+            if not ready:
+                raise HardwareError(
+                    f"simulated line {line}: the daemon played nothing for {STALL_TIMEOUT_S} s "
+                    f"(have {self._played_frames[line]} of {frames} frames)")
+            data = self._carry[line] + os.read(fd, 65536)
+            whole = len(data) - len(data) % 2
+            self._carry[line] = data[whole:]
+            samples = np.frombuffer(data[:whole], dtype="<i2")
+            have = self._played_frames[line]
+            buf = self._played[line]
+            if have + len(samples) > len(buf):
+                buf = np.concatenate([buf, np.zeros(max(len(buf), len(samples)), np.int16)])
+                self._played[line] = buf
+            buf[have : have + len(samples)] = samples
+            self._played_frames[line] = have + len(samples)
+
+
+def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype("<i2").tobytes())
