@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -86,10 +87,8 @@ class RecordingFile:
 
     def abandon(self) -> None:
         """Close without finishing, after an I/O error; the .part stays for inspection."""
-        try:
+        with contextlib.suppress(OSError):
             self._file.close()
-        except OSError:
-            pass
 
     def _encode(self, frame: np.ndarray) -> None:
         self._writer.add_packet(self._encoder.encode(frame), self._frame)

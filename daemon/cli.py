@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -151,20 +152,23 @@ def _simulation_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, storage=args.storage) if args.storage else config
 
 
-def _simulate(args: argparse.Namespace, scenario_path: Path, sinks: list[EventSink]) -> int:
+def _simulate(args: argparse.Namespace, scenario_path: Path,
+              sinks: Callable[[Config], list[EventSink]]) -> int:
     from linerec.daemon.simulate import RecordingCollector, run_simulation
+    from linerec.hw.sim import SimulatedHat
 
     try:
         config = _simulation_config(args)
         scenario = load_scenario(scenario_path, [line.name for line in config.line])
+        # Composing the line audio decodes every audio file before anything starts.
+        hat = SimulatedHat(config, scenario, workdir=args.workdir, realtime=args.realtime)
     except (ConfigError, ScenarioError) as exc:
         print(f"linerec: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     collector = RecordingCollector()
     stop = _stop_on_signals()
     try:
-        run_simulation(config, scenario, [*sinks, collector], workdir=args.workdir,
-                       realtime=args.realtime, stop=stop)
+        run_simulation(hat, [*sinks(config), collector], stop=stop)
     except ScenarioError as exc:
         print(f"linerec: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -176,7 +180,7 @@ def _simulate(args: argparse.Namespace, scenario_path: Path, sinks: list[EventSi
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    return _simulate(args, args.scenario, [JsonLinesSink(sys.stdout), LogSink()])
+    return _simulate(args, args.scenario, lambda config: [JsonLinesSink(sys.stdout), LogSink()])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -185,7 +189,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Events go to the screen, readable; the log would only repeat them.
     logging.getLogger("linerec").setLevel(logging.WARNING)
     print("linerec demo: an inbound call on the simulated HAT (real ALSA, GPIO, Opus code)")
-    status = _simulate(args, demo_scenario(), [DemoPrinter(sys.stdout, 8000)])
+    status = _simulate(args, demo_scenario(),
+                       lambda config: [DemoPrinter(sys.stdout, config.audio.rate)])
     if status == 0:
         for path in args.recordings:
             print(f"\nRecording: {Path(path).resolve()}")

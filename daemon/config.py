@@ -36,6 +36,9 @@ class Secret(str):
         return "Secret('********')"
 
 
+NO_PASSWORD = Secret("")
+
+
 def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     return {"min": lo, "max": hi}
 
@@ -107,7 +110,7 @@ class MqttConfig:
     """Broker TCP port."""
     username: str = ""
     """User name; empty for an anonymous connection."""
-    password: Secret = Secret("")
+    password: Secret = NO_PASSWORD
     """Password; never printed."""
     topic_prefix: str = "linerec"
     """First level of every topic."""
@@ -265,18 +268,18 @@ def _check_references(config: Config) -> None:
         if line.name in names:
             fail(f"{where}.name", f"{line.name!r} is used twice; line names must be unique")
         names.add(line.name)
-        cap = captures.get(line.capture)
-        if cap is None:
+        tap = captures.get(line.capture)
+        if tap is None:
             fail(f"{where}.capture", f"no [[capture]] is named {line.capture!r}")
             continue
-        if line.channel >= cap.channels:
+        if line.channel >= tap.channels:
             fail(
                 f"{where}.channel",
-                f"capture {cap.name!r} has {cap.channels} channel(s); use 0 to {cap.channels - 1}",
+                f"capture {tap.name!r} has {tap.channels} channel(s); use 0 to {tap.channels - 1}",
             )
-        if (cap.name, line.channel) in taps:
-            fail(f"{where}.channel", f"already tapped by line {taps[(cap.name, line.channel)]!r}")
-        taps[(cap.name, line.channel)] = line.name
+        if (tap.name, line.channel) in taps:
+            fail(f"{where}.channel", f"already tapped by line {taps[(tap.name, line.channel)]!r}")
+        taps[(tap.name, line.channel)] = line.name
         for pin_key in ("hook_pin", "ring_pin", "led_pin"):
             pin = getattr(line, pin_key)
             if pin in pins:

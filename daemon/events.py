@@ -78,7 +78,10 @@ class LogSink:
     def publish(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         details = {k: v for k, v in event.items() if k not in ("event", "line", "call_id", "ts")}
-        extra: dict[str, Any] = {"LINE": event.get("line") or "", "CALL_ID": event.get("call_id") or ""}
+        extra: dict[str, Any] = {
+            "LINE": event.get("line") or "",
+            "CALL_ID": event.get("call_id") or "",
+        }
         message_id = MESSAGE_IDS.get(EventKind(kind))
         if message_id:
             extra["MESSAGE_ID"] = message_id

@@ -194,13 +194,12 @@ class Line:
                 self.state = LineState.RINGING if ringing else LineState.IDLE
         elif self.state is LineState.DISCLOSING:
             if self._hook.loop_open:
-                self._fail_disclosure("the loop opened (on-hook or hook-flash) during the disclosure",
-                                      end)
+                self._fail_disclosure(
+                    "the loop opened (on-hook or hook-flash) during the disclosure", end)
             elif self._disclosure_heard_by(end):
                 self._arm_recording(self._complete_disclosure())
-        elif self.state in (LineState.RECORDING, LineState.UNRECORDED):
-            if edge and edge[0] is HookEdge.ONHOOK:
-                self._end_call(edge[1], "onhook")
+        elif edge and edge[0] is HookEdge.ONHOOK:  # RECORDING or UNRECORDED
+            self._end_call(edge[1], "onhook")
 
         self._play(frames, start)
         if self.state is LineState.RECORDING:

@@ -97,10 +97,7 @@ class Recorder:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every engine has ended (the simulator's end, or a device failure)."""
-        for engine in self.engines:
-            if not engine.done.wait(timeout):
-                return False
-        return True
+        return all(engine.done.wait(timeout) for engine in self.engines)
 
     def any_engine_done(self) -> bool:
         return any(engine.done.is_set() for engine in self.engines)

@@ -12,7 +12,6 @@ from linerec.daemon.config import Config, config_from_dict
 from linerec.daemon.events import EventBus, EventSink
 from linerec.daemon.mqtt import MqttEventSink
 from linerec.daemon.runtime import Recorder
-from linerec.hw.scenario import Scenario
 from linerec.hw.sim import SimulatedHat
 
 logger = logging.getLogger(__name__)
@@ -76,22 +75,20 @@ class DemoPrinter:
 
 
 def run_simulation(
-    config: Config,
-    scenario: Scenario,
+    hat: SimulatedHat,
     sinks: list[EventSink],
     *,
-    workdir: Path | None = None,
-    realtime: bool = False,
     stop: threading.Event | None = None,
 ) -> None:
-    """Run the scenario to its end through the real daemon code; raises on a failure."""
+    """Run the hat's scenario to its end through the real daemon code; raises on a
+    failure of the simulated line. The hat is closed afterwards."""
+    config = hat.config
     events = EventBus(sinks)
     mqtt = None
     if config.mqtt is not None:
         mqtt = MqttEventSink(config.mqtt, config.device_id)
         events.add(mqtt)
         mqtt.start(wait_s=5.0)
-    hat = SimulatedHat(config, scenario, workdir=workdir, realtime=realtime)
     try:
         recorder = Recorder(config, hat, events, until=hat.total)
         recorder.start()
@@ -102,7 +99,7 @@ def run_simulation(
                     break
         finally:
             recorder.stop()
-        if workdir is not None:
+        if hat.keep_files:
             hat.save_line_audio()
         failure = hat.failure()
         if failure is not None:

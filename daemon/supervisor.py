@@ -6,8 +6,8 @@ import logging
 import os
 import sys
 
-from systemd import daemon as sd_daemon
-from systemd import journal
+import systemd.daemon
+import systemd.journal
 
 
 def under_journald() -> bool:
@@ -19,7 +19,7 @@ def configure_logging(verbose: bool = False) -> None:
     """Configure logging once, at the entry point: journald under systemd, else stderr."""
     handler: logging.Handler
     if under_journald():
-        handler = journal.JournalHandler(SYSLOG_IDENTIFIER="linerec")
+        handler = systemd.journal.JournalHandler(SYSLOG_IDENTIFIER="linerec")
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -33,10 +33,10 @@ class ServiceNotifier:
     """sd_notify(3) messages; each is a no-op when NOTIFY_SOCKET is not set."""
 
     def ready(self, status: str) -> None:
-        sd_daemon.notify(f"READY=1\nSTATUS={status}")
+        systemd.daemon.notify(f"READY=1\nSTATUS={status}")
 
     def status(self, status: str) -> None:
-        sd_daemon.notify(f"STATUS={status}")
+        systemd.daemon.notify(f"STATUS={status}")
 
     def stopping(self) -> None:
-        sd_daemon.notify("STOPPING=1\nSTATUS=stopping")
+        systemd.daemon.notify("STOPPING=1\nSTATUS=stopping")

@@ -77,7 +77,8 @@ class Clock(Protocol):
 class Hat(Protocol):
     """Everything the daemon needs from the telephony HAT."""
 
-    clock: Clock
+    @property
+    def clock(self) -> Clock: ...
 
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> CaptureStream: ...
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpiozero import LED, DigitalInputDevice, GPIOZeroError
+from gpiozero.pins.mock import MockFactory
 
 from linerec.hw.base import HardwareError
 
@@ -50,3 +51,22 @@ class GpioLed:
 
     def close(self) -> None:
         self._led.close()
+
+
+def mock_pin_factory() -> Any:
+    """gpiozero's own mock pins: the simulated HAT's GPIO."""
+    return MockFactory()
+
+
+def drive_input(factory: Any, pin: int, *, high: bool) -> None:
+    """Set the level of a mock input pin, as the HAT's sensor would."""
+    mock = factory.pin(pin)
+    if high:
+        mock.drive_high()
+    else:
+        mock.drive_low()
+
+
+def pin_is_high(factory: Any, pin: int) -> bool:
+    """Level of a mock pin (for an output, what the daemon drives)."""
+    return bool(factory.pin(pin).state)

@@ -121,7 +121,8 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
     if isinstance(duration, bool) or not isinstance(duration, int | float):
         raise fail("duration", "required: seconds of line audio, a number")
     if not 0 < duration <= MAX_DURATION_S:
-        raise fail("duration", f"{duration} is out of range; use more than 0 up to {MAX_DURATION_S:.0f}")
+        raise fail("duration",
+                   f"{duration} is out of range; use more than 0 up to {MAX_DURATION_S:.0f}")
     raw_steps = data.get("step", [])
     if not isinstance(raw_steps, list):
         raise fail("step", "expected [[step]] tables")

@@ -29,12 +29,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from gpiozero.pins.mock import MockFactory
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig
 from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
 from linerec.hw.base import HardwareError
-from linerec.hw.gpio import GpioInput, GpioLed
+from linerec.hw.gpio import GpioInput, GpioLed, drive_input, mock_pin_factory
 from linerec.hw.scenario import GpioChange, Scenario
 
 logger = logging.getLogger(__name__)
@@ -79,12 +78,13 @@ class SimulatedHat:
         self.period = audio.period_frames
         self.total = scenario.total_samples(self.rate, self.period)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.keep_files = workdir is not None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="linerec-sim-")
             workdir = Path(self._tmp.name)
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
-        self.pin_factory = MockFactory()
+        self.pin_factory = mock_pin_factory()
         self.clock = SimulatedClock(self, self.rate, datetime.now(UTC).replace(microsecond=0))
         self._line_of = {line.name: line for line in config.line}
         self._pending: dict[str, list[GpioChange]] = {}
@@ -98,6 +98,7 @@ class SimulatedHat:
         self._capture_fds: dict[str, int] = {}
         self._output_fds: dict[str, int] = {}
         self._outputs: dict[str, AlsaLineOutput] = {}
+        self.broken_outputs: set[str] = set()
         self._write_asoundrc()
 
     # ---- the Hat interface --------------------------------------------------------
@@ -152,11 +153,14 @@ class SimulatedHat:
                     (line.hook_pin, line.hook_active_high) if change.input == "hook"
                     else (line.ring_pin, line.ring_active_high)
                 )
-                mock = self.pin_factory.pin(pin)
-                if change.active == active_high:
-                    mock.drive_high()
-                else:
-                    mock.drive_low()
+                drive_input(self.pin_factory, pin, high=change.active == active_high)
+
+    def break_line_output(self, line: str) -> None:
+        """Fault injection: the line output's ALSA PCM goes away (as when the HAT's codec
+        resets), so the daemon's next write fails inside alsa-lib/pyalsaaudio. The line
+        then hears nothing from the daemon."""
+        self.broken_outputs.add(line)
+        self._outputs[line].close()
 
     def start_lines(self) -> None:
         """Start feeding each capture device; call after the daemon opened its devices."""
@@ -243,9 +247,11 @@ class _LineFeeder(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except BaseException as exc:
+        except HardwareError as exc:
             self.failure = exc
+        except Exception as exc:
             logger.exception("the simulated line %s failed", self.capture.name)
+            self.failure = HardwareError(f"the simulated line {self.capture.name} failed: {exc}")
 
     def _run(self) -> None:
         hat = self.hat
@@ -274,7 +280,7 @@ class _LineFeeder(threading.Thread):
     def _echo(self, line: str, first: int, count: int) -> np.ndarray:
         """Played samples [first, first + count) as heard on the line (zero before 0)."""
         out = np.zeros(count, dtype=np.float64)
-        if first + count <= 0:
+        if first + count <= 0 or line in self.hat.broken_outputs:
             return out
         self._read_played(line, first + count)
         lo = max(first, 0)
@@ -286,9 +292,15 @@ class _LineFeeder(threading.Thread):
 
     def _read_played(self, line: str, frames: int) -> None:
         fd = self.hat._output_fds[line]
+        waited = 0.0
         while self._played_frames[line] < frames:
-            ready, _, _ = select.select([fd], [], [], STALL_TIMEOUT_S)
+            if line in self.hat.broken_outputs:
+                return
+            ready, _, _ = select.select([fd], [], [], 0.1)
             if not ready:
+                waited += 0.1
+                if waited < STALL_TIMEOUT_S:
+                    continue
                 raise HardwareError(
                     f"simulated line {line}: the daemon played nothing for {STALL_TIMEOUT_S} s "
                     f"(have {self._played_frames[line]} of {frames} frames)")

@@ -1,0 +1,44 @@
+# linerec developer tasks. `make demo` and `make test` do all the set-up themselves:
+# missing Debian packages (apt-get, as root or through sudo), then a .venv with linerec.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# What the tests and the demo need from Debian: the C libraries the Python bindings build
+# against or load, the broker, the Opus tools that judge the files, and speech for tests.
+APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libasound2-dev \
+	libopus0 libsystemd-dev systemd mosquitto opus-tools espeak-ng sox
+
+.PHONY: all setup system-packages demo test lint typecheck clean
+
+all: test
+
+setup: system-packages $(BIN)/.installed
+
+system-packages:
+	@scripts/install-system-packages $(APT_PACKAGES)
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	touch $@
+
+demo: setup
+	$(BIN)/linerec demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup typecheck
+	$(BIN)/ruff check .
+
+# mypy follows `linerec.*` imports through a view of the source folders under their
+# package names (the editable install's import hook is invisible to it).
+typecheck: setup
+	@mkdir -p build/typecheck/linerec
+	@for p in daemon hw audio; do ln -sfn ../../../$$p build/typecheck/linerec/$$p; done
+	MYPYPATH=build/typecheck $(BIN)/mypy -p linerec.daemon -p linerec.hw -p linerec.audio
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info linerec-sim .pytest_cache .mypy_cache .ruff_cache

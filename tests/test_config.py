@@ -1,0 +1,127 @@
+"""Config checking: every mistake names the file, the key and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from simhelpers import linerec, sim_config
+
+from linerec.daemon.config import ConfigError, load_config
+from linerec.daemon.simulate import packaged_disclosure
+
+
+def test_the_simulated_layout_is_a_valid_config(tmp_path: Path) -> None:
+    path = sim_config(tmp_path, ("127.0.0.1", 1883))
+    config = load_config(path)
+    assert [line.name for line in config.line] == ["line1", "line2"]
+    assert config.audio.rate == 8000 and config.audio.bitrate == 12000
+    assert config.mqtt is not None and config.mqtt.port == 1883
+    result = linerec("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "2 line(s)" in result.stdout
+
+
+def test_secret_is_never_shown(tmp_path: Path) -> None:
+    path = sim_config(tmp_path, ("127.0.0.1", 1883))
+    path.write_text(path.read_text() + 'username = "pi"\npassword = "hunter2"\n')
+    config = load_config(path)
+    assert config.mqtt is not None and config.mqtt.password == "hunter2"  # noqa: S105
+    assert "hunter2" not in repr(config)
+
+
+BAD = [
+    # (change to the valid file, key in the message, words in the message)
+    ("append", "colour = 'red'\n", "line[1].colour", "unknown key"),
+    ("replace", ('device_id = "office"', 'device_id = "office"\ncolour = 1'), "colour",
+     "unknown key"),
+    ("append", "[audio]\nrate = 44100\n", "audio.rate", "use one of 8000, 16000"),
+    ("append", "[audio]\nbitrate = 'fast'\n", "audio.bitrate", "whole number"),
+    ("append", "[audio]\nperiods = 1\n", "audio.periods", "out of range"),
+    ("append", "[audio]\npage_interval_s = true\n", "audio.page_interval_s", "number"),
+    ("replace", ('name = "line2"', 'name = "line1"'), "line[1].name", "used twice"),
+    ("replace", ('name = "line2"', 'name = "Line 2"'), "line[1].name", "lower-case"),
+    ("replace", ("hook_pin = 23", "hook_pin = 17"), "line[1].hook_pin", "already used"),
+    ("replace", ("hook_pin = 23", "hook_pin = 99"), "line[1].hook_pin", "out of range"),
+    ("replace", ("channel = 1", "channel = 2"), "line[1].channel", "use 0 to 1"),
+    ("replace", ("channel = 1", "channel = 0"), "line[1].channel", "already tapped"),
+    ("replace", ('capture = "tap"\nchannel = 1', 'capture = "tip"\nchannel = 1'),
+     "line[1].capture", "no [[capture]]"),
+    ("replace", ("ring_pin = 24\n", ""), "line[1].ring_pin", "required"),
+    ("replace", ('device_id = "office"', 'device_id = "a/b"'), "device_id", "letters"),
+]
+
+
+@pytest.mark.parametrize(("how", "change", "key", "words"), BAD)
+def test_bad_config_names_file_and_key(tmp_path: Path, how: str, change: object, key: str,
+                                       words: str) -> None:
+    path = sim_config(tmp_path)
+    text = path.read_text()
+    if how == "append":
+        assert isinstance(change, str)
+        text += change
+    else:
+        assert isinstance(change, tuple)
+        old, new = change
+        assert old in text
+        text = text[::-1].replace(old[::-1], new[::-1], 1)[::-1]  # the last occurrence
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.source == str(path) and caught.value.key == key
+    assert words in caught.value.problem
+    result = linerec("check-config", str(path))
+    assert result.returncode == 2
+    assert f"{path}: {key}: " in result.stderr and words in result.stderr
+
+
+def test_disclosure_problems_are_config_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.wav"
+    path = sim_config(tmp_path, disclosure=missing)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "line[0].disclosure" and "not found" in caught.value.problem
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(b"not audio at all")
+    path = sim_config(tmp_path, disclosure=junk)
+    with pytest.raises(ConfigError, match="not a readable PCM WAV"):
+        load_config(path)
+    text = sim_config(tmp_path).read_text().replace('playback = "plughw:CARD=tapHAT,DEV=0"',
+                                                    'playback = "x"\ndisclosure_max_s = 2.0')
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"lasts 7\.\d s, over disclosure_max_s"):
+        load_config(path)
+
+
+def test_broken_or_missing_files(tmp_path: Path) -> None:
+    result = linerec("check-config", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2 and "nope.toml" in result.stderr and "not found" in result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[[line]\nname = 1\n")
+    result = linerec("check-config", str(broken))
+    assert result.returncode == 2 and "broken.toml" in result.stderr
+    assert "not valid TOML" in result.stderr
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    result = linerec("check-config", str(empty))
+    assert result.returncode == 2 and "empty.toml: storage: missing" in result.stderr
+
+
+def test_relative_disclosure_is_taken_from_the_config_folder(tmp_path: Path) -> None:
+    path = sim_config(tmp_path)
+    disclosure = load_config(path).line[0].disclosure
+    (tmp_path / "notice.wav").write_bytes(disclosure.read_bytes())
+    path.write_text(path.read_text().replace(f'"{disclosure}"', '"notice.wav"'))
+    assert load_config(path).line[0].disclosure == tmp_path / "notice.wav"
+
+
+def test_the_documented_example_is_a_valid_config(tmp_path: Path) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    disclosure = tmp_path / "disclosure-nl.wav"
+    disclosure.write_bytes(packaged_disclosure("nl").read_bytes())
+    path = tmp_path / "linerec.toml"
+    path.write_text(example.replace("/etc/linerec/disclosure-nl.wav", str(disclosure)))
+    config = load_config(path)
+    assert [line.name for line in config.line] == ["line1", "line2"]
+    assert config.mqtt is not None and "change-me" not in repr(config.mqtt)

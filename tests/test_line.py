@@ -1,0 +1,114 @@
+"""The line's call state machine, run in-process on the simulated HAT so that a test can
+watch the LED pins and break hardware at a chosen moment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from simhelpers import RECORDED_CALL, recordings, sim_config, step, write_scenario
+
+from linerec.daemon.config import load_config
+from linerec.daemon.line import HookEdge, HookFilter
+from linerec.daemon.simulate import packaged_disclosure, run_simulation
+from linerec.hw.gpio import pin_is_high
+from linerec.hw.scenario import load_scenario
+from linerec.hw.sim import SimulatedHat
+
+LED_PIN = 22
+
+
+class Watcher:
+    """An event sink that also notes the recording LED's level at each event."""
+
+    def __init__(self, hat: SimulatedHat) -> None:
+        self.hat = hat
+        self.events: list[dict[str, Any]] = []
+        self.led: list[bool] = []
+        self.on_event: dict[str, Any] = {}
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.led.append(pin_is_high(self.hat.pin_factory, LED_PIN))
+        action = self.on_event.get(event["event"])
+        if action:
+            action()
+
+    @property
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+
+def simulate(tmp_path: Path, body: str, duration: float = 24.0,
+             disclosure: Path | None = None) -> tuple[SimulatedHat, Watcher]:
+    config = load_config(sim_config(tmp_path, disclosure=disclosure))
+    scenario = load_scenario(write_scenario(tmp_path, body, duration), ["line1", "line2"])
+    hat = SimulatedHat(config, scenario, workdir=tmp_path / "work")
+    return hat, Watcher(hat)
+
+
+INBOUND = step(0.5, "ring") + step(5.5, "offhook") + step(20.0, "onhook")
+
+
+def test_led_is_lit_exactly_while_the_recording_is_open(tmp_path: Path) -> None:
+    hat, watcher = simulate(tmp_path, INBOUND)
+    run_simulation(hat, [watcher])
+    assert watcher.kinds == RECORDED_CALL
+    # Off through the disclosure, on from recording_started, off again at recording_stopped.
+    assert watcher.led == [False, False, False, True, False, False]
+
+
+def test_disclosure_file_gone_at_call_time_fails_closed(tmp_path: Path) -> None:
+    disclosure = tmp_path / "notice.wav"
+    shutil.copy(packaged_disclosure("nl"), disclosure)
+    hat, watcher = simulate(tmp_path, INBOUND, disclosure=disclosure)
+    disclosure.unlink()  # the config was good at start-up; the file vanished since
+    run_simulation(hat, [watcher])
+    assert watcher.kinds == ["call_started", "disclosure_failed", "call_ended"]
+    assert "cannot be played" in watcher.events[1]["reason"]
+    assert str(disclosure) in watcher.events[1]["reason"]
+    assert recordings(tmp_path) == []
+    assert not any(watcher.led)
+
+
+def test_line_output_failure_during_disclosure_fails_closed(tmp_path: Path) -> None:
+    hat, watcher = simulate(tmp_path, INBOUND)
+    watcher.on_event["disclosure_started"] = lambda: hat.break_line_output("line1")
+    run_simulation(hat, [watcher])
+    assert watcher.kinds == ["call_started", "disclosure_started", "disclosure_failed",
+                             "error", "call_ended"] or watcher.kinds == [
+        "call_started", "disclosure_started", "disclosure_failed", "call_ended"]
+    assert "line output failed" in watcher.events[2]["reason"]
+    assert recordings(tmp_path) == []
+    assert not any(watcher.led)
+
+
+def test_hook_filter_dates_edges_and_ignores_bounce_and_flash() -> None:
+    period = 160
+    hook = HookFilter(debounce=320, onhook_confirm=6400)
+    levels = [False] * 5 + [True] + [False] * 3 + [True] * 10 + [False] * 10 + [True] * 20 \
+        + [False] * 45
+    edges = []
+    for index, level in enumerate(levels):
+        edge = hook.update(index * period, period, level)
+        if edge:
+            edges.append((edge[0], edge[1] // period))
+    # A one-period blip at 5 is bounce; off-hook from 9; a 10-period (200 ms) break at 19
+    # is a hook-flash; on-hook from 49, confirmed 40 periods (800 ms) later.
+    assert edges == [(HookEdge.OFFHOOK, 9), (HookEdge.ONHOOK, 49)]
+
+
+def test_played_disclosure_is_sample_exact_for_a_16_khz_line(tmp_path: Path) -> None:
+    text = sim_config(tmp_path).read_text() + "\n[audio]\nrate = 16000\nperiod_frames = 320\n"
+    (tmp_path / "linerec.toml").write_text(text)
+    config = load_config(tmp_path / "linerec.toml")
+    scenario = load_scenario(write_scenario(tmp_path, INBOUND), ["line1", "line2"])
+    hat = SimulatedHat(config, scenario, workdir=tmp_path / "work")
+    watcher = Watcher(hat)
+    run_simulation(hat, [watcher])
+    assert watcher.kinds == RECORDED_CALL
+    played = hat.played("line1")
+    assert np.count_nonzero(played) > 0
+    assert watcher.events[2]["sample"] > watcher.events[1]["sample"] + 7 * 16000

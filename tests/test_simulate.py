@@ -1,0 +1,208 @@
+"""End to end through `linerec simulate`: real alsa-lib (file plugin), gpiozero MockFactory,
+real libopus, a real mosquitto broker, and opus-tools to judge the file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from simhelpers import (
+    ISO_MS,
+    RATE,
+    RECORDED_CALL,
+    TOLERANCE,
+    Subscriber,
+    decode,
+    linerec,
+    read_wav,
+    receipts,
+    recordings,
+    run_sim,
+    sim_config,
+    step,
+    write_scenario,
+)
+
+from linerec.audio.pcm import load_line_audio
+from linerec.daemon.simulate import packaged_disclosure
+
+
+def test_inbound_call_is_recorded_after_the_disclosure(
+    tmp_path: Path, mosquitto: tuple[str, int], caller_speech: Path
+) -> None:
+    speech_at, onhook_at = 13.5, 22.0
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(5.5, "offhook")
+                              + step(speech_at, "audio", file=str(caller_speech))
+                              + step(onhook_at, "onhook"))
+    subscriber = Subscriber(*mosquitto)
+    try:
+        events = run_sim(tmp_path, scenario, sim_config(tmp_path, mosquitto))
+        deadline = threading.Event()
+        for _ in range(50):
+            if len(subscriber.messages) >= len(RECORDED_CALL):
+                break
+            deadline.wait(0.1)
+    finally:
+        subscriber.close()
+
+    # Events: in order, one call, complete schema.
+    assert [e["event"] for e in events] == RECORDED_CALL
+    assert {e["line"] for e in events} == {"line1"}
+    assert len({e["call_id"] for e in events}) == 1
+    assert all(ISO_MS.match(e["ts"]) for e in events)
+    assert events[0]["direction"] == "inbound"
+    # The same events reached the broker, in the same order, on the line's topic.
+    assert [topic for topic, _ in subscriber.messages] == ["linerec/office/line/line1/event"] * 6
+    assert [m for _, m in subscriber.messages] == events
+
+    stopped = events[4]
+    opus = Path(stopped["file"])
+    assert opus.suffix == ".opus" and opus.parent.parts[-3:] == (
+        events[0]["ts"][:4], events[0]["ts"][5:7], events[0]["ts"][8:10])
+    assert not list(opus.parent.glob("*.part"))
+    assert stopped["bytes"] == opus.stat().st_size
+
+    # opusinfo accepts the file without a warning.
+    info = subprocess.run(["opusinfo", str(opus)], capture_output=True, text=True, check=False)
+    assert info.returncode == 0, info.stdout + info.stderr
+    assert "WARNING" not in info.stdout and "ERROR" not in info.stdout, info.stdout
+
+    # Where the disclosure ended on the line, found from the line audio itself: before the
+    # caller speaks, the line carries only the disclosure the daemon played into it.
+    line_audio = read_wav(tmp_path / "work" / "line1.line.wav")
+    before_speech = line_audio[: round(speech_at * RATE)]
+    disclosure_end_on_line = int(np.flatnonzero(before_speech)[-1]) + 1
+    onhook = round(onhook_at * RATE)
+
+    decoded = decode(opus, tmp_path)
+    assert abs(len(decoded) - (onhook - disclosure_end_on_line)) <= TOLERANCE
+
+    # Not one sample of the disclosure is in the recording, and the recording is the speech
+    # that followed it.
+    expected = line_audio[disclosure_end_on_line : disclosure_end_on_line + len(decoded)]
+    gap = round(speech_at * RATE) - disclosure_end_on_line
+    assert gap > 0.2 * RATE
+    assert np.sqrt(np.mean(decoded[: gap - 80] ** 2)) < 30, "audio before the speech leaked in"
+    correlation = float(np.dot(decoded, expected)
+                        / np.sqrt(np.dot(decoded, decoded) * np.dot(expected, expected)))
+    assert correlation > 0.8, correlation
+
+    # What the daemon played into the line is exactly the disclosure.
+    played = read_wav(tmp_path / "work" / "line1.played.wav")
+    disclosure = load_line_audio(packaged_disclosure("en"), RATE).astype(np.float64)
+    start = events[1]["sample"]
+    assert not played[:start].any()
+    np.testing.assert_array_equal(played[start : start + len(disclosure)], disclosure)
+    assert not played[start + len(disclosure) :].any()
+    assert not read_wav(tmp_path / "work" / "line2.played.wav").any()
+
+    receipt = json.loads(opus.with_suffix(".json").read_text())
+    assert receipt["call_id"] == events[0]["call_id"]
+    assert receipt["disclosure"]["status"] == "completed"
+    assert receipt["recording"]["file"] == opus.name
+    assert receipt["recording"]["first_sample"] == events[2]["sample"] >= disclosure_end_on_line
+
+
+def test_onhook_during_disclosure_records_nothing(tmp_path: Path, caller_speech: Path) -> None:
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(5.5, "offhook")
+                              + step(6.5, "audio", file=str(caller_speech))
+                              + step(8.0, "onhook"), duration=12.0)
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path))
+    assert [e["event"] for e in events] == [
+        "call_started", "disclosure_started", "disclosure_failed", "call_ended"]
+    assert "loop opened" in events[2]["reason"]
+    assert events[3]["recorded"] is False
+    assert recordings(tmp_path) == []
+    (receipt,) = receipts(tmp_path)
+    assert receipt["disclosure"]["status"] == "failed"
+    assert receipt["recording"] is None
+
+
+def test_outbound_call_fails_closed(tmp_path: Path, caller_speech: Path) -> None:
+    """Off-hook without ringing: the far end has not answered, so no notice can reach it."""
+    scenario = write_scenario(tmp_path, step(1.0, "offhook")
+                              + step(4.0, "audio", file=str(caller_speech))
+                              + step(10.0, "onhook"), duration=12.0)
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path))
+    assert [e["event"] for e in events] == ["call_started", "disclosure_failed", "call_ended"]
+    assert events[0]["direction"] == "outbound"
+    assert "outbound" in events[1]["reason"]
+    assert recordings(tmp_path) == []
+    assert not read_wav(tmp_path / "work" / "line1.played.wav").any()
+
+
+def test_hook_flash_does_not_end_the_call(tmp_path: Path, caller_speech: Path) -> None:
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(10.0, "audio", file=str(caller_speech))
+                              + step(12.0, "onhook") + step(12.3, "offhook")
+                              + step(20.0, "onhook"))
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path))
+    assert [e["event"] for e in events] == RECORDED_CALL
+    assert events[-1]["sample"] == 20 * RATE
+    decoded = decode(Path(events[4]["file"]), tmp_path)
+    assert abs(len(decoded) - (20 * RATE - events[2]["sample"])) <= TOLERANCE
+
+
+def test_two_lines_record_independently(tmp_path: Path, caller_speech: Path) -> None:
+    scenario = write_scenario(
+        tmp_path,
+        step(0.5, "ring") + step(1.0, "offhook") + step(10.0, "audio", file=str(caller_speech))
+        + step(2.0, "ring", line="line2") + step(3.0, "offhook", line="line2")
+        + step(11.0, "audio", line="line2", file=str(caller_speech))
+        + step(20.0, "onhook") + step(21.0, "onhook", line="line2"))
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path))
+    for line in ("line1", "line2"):
+        assert [e["event"] for e in events if e["line"] == line] == RECORDED_CALL
+    assert len(recordings(tmp_path)) == 2
+
+
+def test_demo_prints_events_and_a_playable_recording(tmp_path: Path) -> None:
+    result = linerec("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for kind in RECORDED_CALL:
+        assert kind in result.stdout
+    path = Path(re.findall(r"^Recording: (.+\.opus)$", result.stdout, re.M)[-1])
+    assert path.is_file() and path.is_relative_to(tmp_path / "linerec-sim")
+    assert subprocess.run(["opusinfo", str(path)], capture_output=True,
+                          check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[[step]]\nat = 1.0\nline = "line9"\ndo = "offhook"\n', "step[0].line"),
+        ('[[step]]\nat = 1.0\nline = "line1"\ndo = "jump"\n', "step[0].do"),
+        ('[[step]]\nat = 99.0\nline = "line1"\ndo = "offhook"\n', "step[0].at"),
+        ('[[step]]\nat = 1.0\nline = "line1"\ndo = "audio"\n', "step[0].file"),
+        ('[[step]]\nat = 1.0\nline = "line1"\ndo = "audio"\nfile = "nope.wav"\n', "step[0].file"),
+        ('[[step]]\nat = 1.0\nline = "line1"\ndo = "offhook"\ncolour = 1\n', "step[0].colour"),
+        ('[[step]]\nat = 1.0\nline = "line1"\ndo = "ring"\nuntil = 0.5\n', "step[0].until"),
+        ("speed = 2\n", "speed"),
+    ],
+)
+def test_bad_scenario_is_refused_with_the_key(tmp_path: Path, body: str, message: str) -> None:
+    scenario = write_scenario(tmp_path, body, duration=10.0)
+    result = linerec("simulate", "--scenario", str(scenario), "--storage", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert str(scenario) in result.stderr and message in result.stderr, result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_scenario_audio_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "noise.wav").write_bytes(b"RIFF0000WAVEjunk")
+    scenario = write_scenario(tmp_path, step(1.0, "audio", file="noise.wav"), duration=5.0)
+    result = linerec("simulate", "--scenario", str(scenario), "--storage", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert "noise.wav" in result.stderr and "step[0].file" in result.stderr, result.stderr
+
+
+def test_unsupported_steps_are_named(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, step(1.0, "dtmf", digits="0201234567"), duration=5.0)
+    result = linerec("simulate", "--scenario", str(scenario))
+    assert result.returncode == 2
+    assert "step[0].do" in result.stderr and "'dtmf'" in result.stderr
