@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import wave
 from pathlib import Path
 
@@ -12,10 +13,11 @@ class AudioFileError(ValueError):
     """An audio file that linerec cannot use; the message names the file and the fix."""
 
 
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Return a PCM WAV file as mono float64 samples in [-1, 1] and its sample rate."""
+def read_wav(path: Path, data: bytes | None = None) -> tuple[np.ndarray, int]:
+    """Return a PCM WAV file as mono float64 samples in [-1, 1] and its sample rate;
+    ``data``, when given, is the file's content already read (``path`` names it)."""
     try:
-        with wave.open(str(path), "rb") as wav:
+        with wave.open(io.BytesIO(data) if data is not None else str(path), "rb") as wav:
             channels = wav.getnchannels()
             width = wav.getsampwidth()
             rate = wav.getframerate()
@@ -75,7 +77,7 @@ def to_int16(samples: np.ndarray) -> np.ndarray:
     return np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
 
 
-def load_line_audio(path: Path, rate: int) -> np.ndarray:
+def load_line_audio(path: Path, rate: int, data: bytes | None = None) -> np.ndarray:
     """A WAV file as mono int16 at the line's sample rate."""
-    samples, file_rate = read_wav(path)
+    samples, file_rate = read_wav(path, data)
     return to_int16(resample(samples, file_rate, rate))

@@ -207,25 +207,27 @@ class Line:
 
     def shutdown(self, position: int) -> None:
         """The service stops: close an open recording with what was captured."""
-        if self.state is LineState.DISCLOSING:
-            self._fail_disclosure("the service stopped during the disclosure", position)
-        if self.state in (LineState.RECORDING, LineState.UNRECORDED):
-            self._end_call(position, "shutdown")
-        self.state = LineState.IDLE
+        self._close_call(position, "shutdown")
 
     def fault(self, position: int, exc: BaseException) -> None:
         """An unexpected error in this line: end the call safely and start over idle."""
         self._emit(EventKind.ERROR, position, message=f"internal error on line {self.name}: {exc}")
-        call = self.call
-        if call is not None and call.recording is not None:
-            try:
-                self._stop_recording(position)
-            except Exception:
-                logger.exception("could not close the recording of %s", call.call_id)
-                call.recording.abandon()
-                call.recording = None
-                self._led.off()
-        self.call = None
+        try:
+            self._close_call(position, "error")
+        except Exception:
+            logger.exception("line %s: the call could not be ended cleanly", self.name)
+            if self.call is not None and self.call.recording is not None:
+                self.call.recording.abandon()  # the .part stays for inspection
+            self._led.off()
+            self.call = None
+            self.state = LineState.IDLE
+
+    def _close_call(self, position: int, reason: str) -> None:
+        if self.state is LineState.DISCLOSING:
+            self._fail_disclosure(f"the call was closed during the disclosure ({reason})",
+                                  position)
+        if self.call is not None:
+            self._end_call(position, reason)
         self.state = LineState.IDLE
 
     # ---- call steps -----------------------------------------------------------------
@@ -251,8 +253,9 @@ class Line:
                 "not hear the disclosure; the call is not recorded", now)
             return
         try:
+            # One read: the hash in the receipt is of exactly the audio that played.
             data = call.disclosure_file.read_bytes()
-            call.disclosure = load_line_audio(call.disclosure_file, self._rate)
+            call.disclosure = load_line_audio(call.disclosure_file, self._rate, data)
         except (OSError, AudioFileError) as exc:
             self._fail_disclosure(f"disclosure file cannot be played: {exc}", now)
             return
@@ -450,7 +453,7 @@ class Line:
                 if call.disclosure_started_at else None,
                 "completed_at": iso_ms(call.disclosure_completed_at)
                 if call.disclosure_completed_at else None,
-                "status": "failed" if call.disclosure_failure else "completed",
+                "status": "completed" if call.disclosure_completed_at else "failed",
                 "failure": call.disclosure_failure,
             },
             "recording": call.recording_summary,

@@ -34,8 +34,13 @@ class MqttEventSink:
             self._client.username_pw_set(config.username, config.password or None)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = self._on_publish
         self._client.reconnect_delay_set(min_delay=1, max_delay=60)
-        self._pending: list[mqtt.MQTTMessageInfo] = []
+        # Message ids published and not yet acknowledged (PUBACK). The PUBACK can arrive on
+        # the network thread before publish() has returned here, hence the second set.
+        self._ack_lock = threading.Lock()
+        self._unacked: set[int] = set()
+        self._acked_early: set[int] = set()
 
     def start(self, wait_s: float = 0.0) -> None:
         """Connect in the background; optionally wait a little for the first connection."""
@@ -50,24 +55,22 @@ class MqttEventSink:
         return f"{self._base}/line/{line}/event" if line else f"{self._base}/event"
 
     def publish(self, event: dict[str, Any]) -> None:
+        # While offline, paho keeps QoS 1 messages and sends them once it reconnects.
         info = self._client.publish(self.topic(event.get("line")), json.dumps(event), qos=1)
-        self._pending = [p for p in self._pending if not p.is_published()]
-        self._pending.append(info)
+        with self._ack_lock:
+            if info.mid in self._acked_early:
+                self._acked_early.discard(info.mid)
+            else:
+                self._unacked.add(info.mid)
 
     def stop(self, flush_s: float = 5.0) -> None:
         """Give queued events up to ``flush_s`` to reach the broker, then disconnect."""
         deadline = time.monotonic() + flush_s
-        for info in self._pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._connected.is_set():
-                break
-            try:
-                info.wait_for_publish(timeout=remaining)
-            except (RuntimeError, ValueError):
-                break
-        unsent = sum(1 for p in self._pending if not p.is_published())
-        if unsent:
-            logger.warning("%d event(s) had not reached the MQTT broker at shutdown", unsent)
+        while self._unacked and self._connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self._unacked:
+            logger.warning("%d event(s) had not reached the MQTT broker at shutdown",
+                           len(self._unacked))
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -79,6 +82,14 @@ class MqttEventSink:
             return
         logger.info("connected to MQTT broker %s:%d", self._config.host, self._config.port)
         self._connected.set()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
+                    properties: Any) -> None:
+        with self._ack_lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._acked_early.add(mid)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:

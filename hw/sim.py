@@ -194,22 +194,17 @@ class SimulatedHat:
     # ---- set-up ---------------------------------------------------------------------
 
     def _write_asoundrc(self) -> None:
+        # Opening each FIFO O_RDWR here never blocks, and keeps both ends open whatever order
+        # alsa-lib opens them in; closing the capture FIFO's fd is what ends a blocked read.
         entries = []
         for capture in self.config.capture:
             fifo = self._fifo(f"capture-{capture.name}.fifo")
-            # O_RDWR never blocks and keeps a writer on the FIFO until release_capture().
             self._capture_fds[capture.name] = os.open(fifo, os.O_RDWR)
-            entries.append(
-                f'pcm.{capture_pcm_name(capture.name)} {{ type file slave.pcm "null" '
-                f'file "/dev/null" infile "{fifo}" format "raw" }}'
-            )
+            entries.append(_file_pcm(capture_pcm_name(capture.name), "/dev/null", infile=fifo))
         for line in self.config.line:
             fifo = self._fifo(f"output-{line.name}.fifo")
             self._output_fds[line.name] = os.open(fifo, os.O_RDWR)
-            entries.append(
-                f'pcm.{output_pcm_name(line.name)} {{ type file slave.pcm "null" '
-                f'file "{fifo}" format "raw" }}'
-            )
+            entries.append(_file_pcm(output_pcm_name(line.name), fifo))
         asoundrc = self.workdir / "asoundrc"
         asoundrc.write_text("\n".join(entries) + "\n", encoding="utf-8")
         # alsa-lib reads its configuration when the first PCM opens, after this.
@@ -315,6 +310,12 @@ class _LineFeeder(threading.Thread):
                 self._played[line] = buf
             buf[have : have + len(samples)] = samples
             self._played_frames[line] = have + len(samples)
+
+
+def _file_pcm(name: str, output: Path | str, *, infile: Path | None = None) -> str:
+    """An alsa-lib file PCM over null: unpaced, reading capture data from ``infile``."""
+    source = f' infile "{infile}"' if infile else ""
+    return f'pcm.{name} {{ type file slave.pcm "null" file "{output}"{source} format "raw" }}'
 
 
 def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from simhelpers import (
     TOLERANCE,
     Subscriber,
     decode,
+    free_port,
     linerec,
     read_wav,
     receipts,
@@ -206,3 +208,35 @@ def test_unsupported_steps_are_named(tmp_path: Path) -> None:
     result = linerec("simulate", "--scenario", str(scenario))
     assert result.returncode == 2
     assert "step[0].do" in result.stderr and "'dtmf'" in result.stderr
+
+
+def test_a_call_in_progress_is_closed_cleanly_at_shutdown(tmp_path: Path,
+                                                          caller_speech: Path) -> None:
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(10.0, "audio", file=str(caller_speech)), duration=16.0)
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path))
+    assert [e["event"] for e in events] == RECORDED_CALL
+    assert events[-1]["reason"] == "shutdown"
+    decoded = decode(Path(events[4]["file"]), tmp_path)
+    assert len(decoded) == 16 * RATE - events[2]["sample"]
+    (receipt,) = receipts(tmp_path)
+    assert receipt["end_reason"] == "shutdown" and receipt["recording"]["bytes"] > 0
+
+
+def test_records_while_the_broker_is_unreachable(tmp_path: Path, caller_speech: Path) -> None:
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(10.0, "audio", file=str(caller_speech))
+                              + step(14.0, "onhook"), duration=15.0)
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path, ("127.0.0.1", free_port())))
+    assert [e["event"] for e in events] == RECORDED_CALL
+    assert len(recordings(tmp_path)) == 1
+
+
+def test_realtime_paces_the_line_to_the_clock(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, step(0.2, "ring"), duration=2.0)
+    started = time.monotonic()
+    result = linerec("simulate", "--scenario", str(scenario), "--realtime",
+                     "--storage", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    # Only a lower bound: a paced simulation cannot finish before its audio has played.
+    assert time.monotonic() - started >= 2.0
