@@ -44,6 +44,8 @@ def read_wav(path: Path, data: bytes | None = None) -> tuple[np.ndarray, int]:
         raise AudioFileError(f"{path}: {width * 8}-bit samples are not supported")
     if len(samples) == 0:
         raise AudioFileError(f"{path}: the file holds no audio")
+    if rate <= 0:
+        raise AudioFileError(f"{path}: the header gives a sample rate of {rate} Hz")
     if channels > 1:
         samples = samples.reshape(-1, channels).mean(axis=1)
     return samples, rate

@@ -19,9 +19,10 @@ class SampleRing:
     write counter.
 
     One thread writes (the capture thread), one thread reads (the line engine). Under the
-    GIL this needs no lock: the producer copies first and advances ``written`` last, so a
-    reader never sees a position whose samples are not in place, and a reader detects an
-    overwrite by comparing positions before and after its copy.
+    GIL this needs no lock: the producer announces how far it is about to write, copies,
+    then advances ``written``. A reader never sees a position whose samples are not in
+    place, and detects an overwrite, finished or under way, by checking the announced
+    position after its copy.
     """
 
     def __init__(self, min_capacity: int) -> None:
@@ -30,6 +31,7 @@ class SampleRing:
         self._mask = size - 1
         self.written = 0
         """Samples written since the ring was made; position of the next sample."""
+        self._writing = 0
 
     @property
     def capacity(self) -> int:
@@ -38,6 +40,7 @@ class SampleRing:
     def write(self, samples: np.ndarray) -> None:
         """Append samples; called by the producer only. Never blocks, never allocates."""
         n = len(samples)
+        self._writing = self.written + n
         start = self.written & self._mask
         first = min(n, len(self._buf) - start)
         self._buf[start : start + first] = samples[:first]
@@ -65,6 +68,6 @@ class SampleRing:
         return out
 
     def _check(self, start: int) -> None:
-        oldest = self.written - len(self._buf)
+        oldest = self._writing - len(self._buf)
         if start < oldest:
             raise RingOverrun(start, oldest)

@@ -15,7 +15,7 @@ from types import FrameType
 from linerec.daemon import __version__
 from linerec.daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from linerec.daemon.events import EventBus, EventSink, JsonLinesSink, LogSink
-from linerec.daemon.runtime import Recorder
+from linerec.daemon.runtime import Recorder, StorageError
 from linerec.daemon.supervisor import ServiceNotifier, configure_logging
 from linerec.hw.base import HardwareError
 from linerec.hw.scenario import ScenarioError, load_scenario
@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         mqtt = MqttEventSink(config.mqtt, config.device_id)
         events.add(mqtt)
         mqtt.start()
-    hat = PiHat()
+    hat = PiHat(config.audio.rate)
     recorder = Recorder(config, hat, events)
     status = 0
     try:
@@ -129,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if recorder.summary() != summary:
                 summary = recorder.summary()
                 notifier.status(summary)
-    except HardwareError as exc:
+    except (HardwareError, StorageError) as exc:
         logger.error("%s", exc)
         status = 1
     finally:
@@ -165,6 +165,10 @@ def _simulate(args: argparse.Namespace, scenario_path: Path,
     except (ConfigError, ScenarioError) as exc:
         print(f"linerec: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except OSError as exc:
+        print(f"linerec: the simulator cannot use {args.workdir or 'a temporary folder'}: "
+              f"{exc}", file=sys.stderr)
+        return 1
     collector = RecordingCollector()
     stop = _stop_on_signals()
     try:
@@ -172,7 +176,7 @@ def _simulate(args: argparse.Namespace, scenario_path: Path,
     except ScenarioError as exc:
         print(f"linerec: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except HardwareError as exc:
+    except (HardwareError, StorageError) as exc:
         print(f"linerec: simulation failed: {exc}", file=sys.stderr)
         return 1
     args.recordings = collector.recordings

@@ -285,6 +285,11 @@ def _check_references(config: Config) -> None:
             if pin in pins:
                 fail(f"{where}.{pin_key}", f"GPIO {pin} is already used as {pins[pin]}")
             pins[pin] = f"{line.name}.{pin_key}"
+        period_ms = config.audio.period_frames * 1000 / config.audio.rate
+        if line.onhook_confirm_ms < line.hook_debounce_ms + period_ms:
+            fail(f"{where}.onhook_confirm_ms",
+                 f"must be at least hook_debounce_ms + one period "
+                 f"({line.hook_debounce_ms + period_ms:g} ms), or a hang-up could pass for bounce")
         check_disclosure(line.disclosure, line.disclosure_max_s, source, f"{where}.disclosure")
 
 

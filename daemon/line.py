@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from linerec.audio.pcm import AudioFileError, load_line_audio
+from linerec.audio.pcm import load_line_audio
 from linerec.audio.recording import RecordingFile
 from linerec.audio.ring import RingOverrun, SampleRing
 from linerec.daemon import __version__
@@ -89,9 +89,9 @@ class HookFilter:
 
     @property
     def loop_open(self) -> bool:
-        """Off-hook, but the loop has been open for longer than contact bounce."""
-        open_for = self._end - self._raw_since
-        return self.offhook and not self._raw and open_for >= max(self.debounce, 1)
+        """The loop has been open for longer than contact bounce, whether or not that is
+        confirmed as an on-hook yet."""
+        return not self._raw and self._end - self._raw_since >= max(self.debounce, 1)
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,10 @@ class Call:
     recording_summary: dict[str, Any] | None = None
     lost_samples: int = 0
 
+    def heard_by(self, end: int) -> bool:
+        """Has the whole disclosure left the line before capture position ``end``?"""
+        return self.disclosure_line_end is not None and end >= self.disclosure_line_end
+
 
 class Line:
     """A line's call state machine, driven by ``tick`` once per capture period."""
@@ -136,6 +140,7 @@ class Line:
         *,
         capture_name: str,
         capture_period: int,
+        capture_buffer: int,
         ring: SampleRing,
         hook: BinaryInput,
         ringer: BinaryInput,
@@ -165,9 +170,12 @@ class Line:
         self._hook = HookFilter(
             debounce=config.hook_debounce_ms * ms, onhook_confirm=config.onhook_confirm_ms * ms
         )
-        # What is written to the line output leaves it at most one output buffer later and
-        # reaches us through the tap at most one capture period after that.
-        self._output_latency = output.buffer_frames + capture_period
+        # Bound on when a sample written to the line output is in our capture: the blocking
+        # write takes at most one period to accept it, it leaves the output at most one
+        # output buffer later, and the capture device holds it at most one capture buffer
+        # before the capture thread has read it. Both devices run on the HAT's one clock.
+        self._output_latency = capture_period + output.buffer_frames + capture_buffer
+        self._catch_up = 2 * capture_period
         # The encoder stays this far behind the capture, so that a confirmed on-hook can
         # still cut the recording at the sample where the loop opened.
         self._encode_lag = self._hook.onhook_confirm
@@ -193,15 +201,16 @@ class Line:
                 ringing = self._last_ring is not None and end - self._last_ring < self._ring_window
                 self.state = LineState.RINGING if ringing else LineState.IDLE
         elif self.state is LineState.DISCLOSING:
-            if self._hook.loop_open:
+            # Any loop break, hung up or not, may have cut the notice short for the far end.
+            if self._hook.loop_open or (edge and edge[0] is HookEdge.ONHOOK):
                 self._fail_disclosure(
                     "the loop opened (on-hook or hook-flash) during the disclosure", end)
-            elif self._disclosure_heard_by(end):
+            elif self.call is not None and self.call.heard_by(end):
                 self._arm_recording(self._complete_disclosure())
         elif edge and edge[0] is HookEdge.ONHOOK:  # RECORDING or UNRECORDED
             self._end_call(edge[1], "onhook")
 
-        self._play(frames, start)
+        self._play(start, frames)
         if self.state is LineState.RECORDING:
             self._record_until(end - self._encode_lag)
 
@@ -256,8 +265,13 @@ class Line:
             # One read: the hash in the receipt is of exactly the audio that played.
             data = call.disclosure_file.read_bytes()
             call.disclosure = load_line_audio(call.disclosure_file, self._rate, data)
-        except (OSError, AudioFileError) as exc:
+        except Exception as exc:  # whatever is wrong with the file, nothing is recorded
             self._fail_disclosure(f"disclosure file cannot be played: {exc}", now)
+            return
+        if len(call.disclosure) > self.config.disclosure_max_s * self._rate:
+            self._fail_disclosure(
+                f"disclosure file cannot be played: {call.disclosure_file} is longer than "
+                f"disclosure_max_s = {self.config.disclosure_max_s}", now)
             return
         call.disclosure_sha256 = hashlib.sha256(data).hexdigest()
         call.disclosure_first_sample = now
@@ -265,17 +279,6 @@ class Line:
         self.state = LineState.DISCLOSING
         self._emit(EventKind.DISCLOSURE_STARTED, now, file=str(call.disclosure_file),
                    duration_s=round(len(call.disclosure) / self._rate, 3))
-
-    def _disclosure_heard_by(self, end: int) -> bool:
-        call = self.call
-        assert call is not None and call.disclosure is not None
-        if call.disclosure_written < len(call.disclosure):
-            return False
-        assert call.disclosure_first_sample is not None
-        call.disclosure_line_end = (
-            call.disclosure_first_sample + len(call.disclosure) + self._output_latency
-        )
-        return end >= call.disclosure_line_end
 
     def _complete_disclosure(self) -> DisclosureHeard:
         call = self.call
@@ -311,11 +314,11 @@ class Line:
                     "call_id": call.call_id,
                     "line": self.name,
                     "direction": call.direction,
-                    "start_time": call.started_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                    "start_time": iso_ms(call.started_at),
                     "device_id": self._device_id,
                 },
             )
-        except OSError as exc:
+        except Exception as exc:
             self.state = LineState.UNRECORDED
             self._emit(EventKind.ERROR, heard.line_end,
                        message=f"cannot create the recording {path}: {exc}")
@@ -329,18 +332,21 @@ class Line:
     def _record_until(self, limit: int) -> None:
         call = self.call
         assert call is not None and call.recording is not None
-        count = limit - call.recording_next_sample
-        if count <= 0:
+        parts: list[np.ndarray] = []
+        position = call.recording_next_sample
+        while position < limit:
+            try:
+                parts.append(self._ring_buffer.read(position, limit - position))
+                position = limit
+            except RingOverrun as exc:
+                # The engine fell behind the capture: keep the timeline with silence.
+                lost = min(exc.oldest, limit) - position
+                call.lost_samples += lost
+                parts.append(np.zeros(lost, np.int16))
+                position += lost
+        if not parts:
             return
-        try:
-            samples = self._ring_buffer.read(call.recording_next_sample, count)
-        except RingOverrun as exc:
-            # The encoder fell behind the capture: keep the timeline with silence.
-            lost = exc.oldest - exc.start
-            call.lost_samples += lost
-            samples = np.concatenate([
-                np.zeros(lost, np.int16), self._ring_buffer.read(exc.oldest, limit - exc.oldest)
-            ])
+        samples = parts[0] if len(parts) == 1 else np.concatenate(parts)
         try:
             call.recording.write(samples)
         except OSError as exc:
@@ -361,8 +367,16 @@ class Line:
         recording = call.recording
         if recording is None:  # writing failed on the way
             return
-        size = recording.close()
         call.recording = None
+        try:
+            size = recording.close()
+        except OSError as exc:
+            recording.abandon()
+            self._led.off()
+            self._emit(EventKind.ERROR, stop,
+                       message=f"closing the recording {recording.path} failed: {exc}; "
+                       f"what was written is in {recording.part_path}")
+            return
         self._led.off()
         duration = round(recording.samples / self._rate, 3)
         call.recording_summary = {
@@ -394,19 +408,25 @@ class Line:
 
     # ---- outputs --------------------------------------------------------------------
 
-    def _play(self, frames: int, start: int) -> None:
+    def _play(self, start: int, frames: int) -> None:
         """Write one period to the line output: the disclosure while disclosing, else
         silence, so the output runs in step with the capture clock."""
         call = self.call
+        end = start + frames
         chunk: np.ndarray
         if self.state is LineState.DISCLOSING and call is not None and call.disclosure is not None:
             chunk = call.disclosure[call.disclosure_written : call.disclosure_written + frames]
             if len(chunk) < frames:
                 chunk = np.concatenate([chunk, np.zeros(frames - len(chunk), np.int16)])
+        elif self._ring_buffer.written - end >= self._catch_up:
+            # The engine fell behind the capture (a slow disk, say). A blocking write of
+            # silence would hold it to real time and keep it behind; skip it and catch up.
+            return
         else:
             if len(self._silence) != frames:
                 self._silence = np.zeros(frames, np.int16)
             chunk = self._silence
+        captured_before_write = self._ring_buffer.written
         try:
             self._output.write(chunk)
         except HardwareError as exc:
@@ -419,6 +439,13 @@ class Line:
         self._output_failed = False
         if self.state is LineState.DISCLOSING and call is not None and call.disclosure is not None:
             call.disclosure_written = min(len(call.disclosure), call.disclosure_written + frames)
+            if call.disclosure_written == len(call.disclosure) and call.disclosure_line_end is None:
+                # Date the end of the notice by the capture clock when the output was given
+                # its last sample, not by this tick's position: when the engine runs behind
+                # the capture, the tick position is early and would arm too soon.
+                padding = end - (call.disclosure_first_sample or 0) - len(call.disclosure)
+                given_at = max(captured_before_write, end)
+                call.disclosure_line_end = given_at - padding + self._output_latency
 
     def _emit(self, kind: EventKind, position: int, **fields: Any) -> None:
         call = self.call

@@ -63,7 +63,7 @@ class MqttEventSink:
             else:
                 self._unacked.add(info.mid)
 
-    def stop(self, flush_s: float = 5.0) -> None:
+    def stop(self, flush_s: float = 3.0) -> None:
         """Give queued events up to ``flush_s`` to reach the broker, then disconnect."""
         deadline = time.monotonic() + flush_s
         while self._unacked and self._connected.is_set() and time.monotonic() < deadline:

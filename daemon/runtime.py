@@ -4,7 +4,9 @@ in reverse."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from linerec.audio.ring import SampleRing
@@ -16,9 +18,28 @@ from linerec.hw.base import Hat
 
 logger = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 3.0
+"""How long each thread gets to stop; all of them together stay well inside the unit's
+TimeoutStopSec, so systemd never has to kill a recorder that is closing its files."""
+
 RING_SECONDS = 4
 """Each line's ring holds at least this much audio: the engine may fall this far behind
 (and the encoder's on-hook lag, at most 2 s, lives inside it)."""
+
+
+class StorageError(RuntimeError):
+    """The storage folder cannot be used; the message names it."""
+
+
+def check_storage(storage: Path) -> None:
+    """Recordings must be writable before the first call, not found out during it."""
+    try:
+        storage.mkdir(parents=True, exist_ok=True, mode=0o750)
+        with tempfile.TemporaryFile(dir=storage):
+            pass
+    except OSError as exc:
+        raise StorageError(f"storage folder {storage} is not writable: {exc}; fix its "
+                           "permissions or set storage in the config") from exc
 
 
 class Recorder:
@@ -43,6 +64,7 @@ class Recorder:
             raise
 
     def _start(self) -> None:
+        check_storage(self.config.storage)
         audio = self.config.audio
         for capture_config in self.config.capture:
             line_configs = self.config.lines_on(capture_config)
@@ -69,6 +91,7 @@ class Recorder:
                     audio,
                     capture_name=capture_config.name,
                     capture_period=stream.period_frames,
+                    capture_buffer=stream.buffer_frames,
                     ring=ring,
                     hook=hook,
                     ringer=ringer,
@@ -103,17 +126,24 @@ class Recorder:
         return any(engine.done.is_set() for engine in self.engines)
 
     def stop(self) -> None:
-        """Stop in reverse order of start: engines, open calls, capture, devices."""
-        for engine in self.engines:
+        """Stop in reverse order of start: engines, open calls, capture, devices.
+        Safe after a start that failed half-way."""
+        started = [engine for engine in self.engines if engine.ident is not None]
+        for engine in started:
             engine.stop()
-        for engine in self.engines:
-            engine.join(timeout=10)
-            engine.shutdown_lines()
-        for engine in self.engines:
+        for engine in started:
+            engine.join(timeout=STOP_TIMEOUT_S)
+            if engine.is_alive():
+                # Two threads must never drive one line: leave its calls to the .part
+                # repair at the next start rather than close them from here.
+                logger.error("engine %s did not stop; its calls are left open", engine.name)
+            else:
+                engine.shutdown_lines()
+        for engine in started:
             engine.capture.request_stop()
         self.hat.release_capture()
-        for engine in self.engines:
-            engine.capture.join(timeout=5)
+        for engine in started:
+            engine.capture.join(timeout=STOP_TIMEOUT_S)
             if engine.capture.is_alive():
                 logger.warning("capture thread %s did not stop", engine.capture.name)
         self._close_all()

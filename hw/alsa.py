@@ -53,7 +53,9 @@ class AlsaCapture:
             audio=audio,
             key=f"capture {capture.name!r}",
         )
-        self.period_frames = int(self._pcm.info()["period_size"])
+        info = self._pcm.info()
+        self.period_frames = int(info["period_size"])
+        self.buffer_frames = int(info["buffer_size"])
         self.overruns = 0
 
     def read_period(self) -> np.ndarray | None:
@@ -87,12 +89,21 @@ class AlsaLineOutput:
             key=f"line {line.name!r} playback",
         )
         self.buffer_frames = int(self._pcm.info()["buffer_size"])
+        self.underruns = 0
 
     def write(self, samples: np.ndarray) -> None:
+        data = samples.astype("<i2").tobytes()
         try:
-            self._pcm.write(samples.astype("<i2").tobytes())
+            written = self._pcm.write(data)
+            if written == -errno.EPIPE:
+                # Underrun: pyalsaaudio re-prepared the stream but did not write; once more.
+                self.underruns += 1
+                written = self._pcm.write(data)
         except alsaaudio.ALSAAudioError as exc:
             raise HardwareError(f"playback to {self.name!r} failed: {exc}") from exc
+        if written != len(samples):
+            raise HardwareError(
+                f"playback to {self.name!r} took {written} of {len(samples)} frames")
 
     def close(self) -> None:
         self._pcm.close()

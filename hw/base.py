@@ -19,6 +19,8 @@ class CaptureStream(Protocol):
 
     channels: int
     period_frames: int
+    buffer_frames: int
+    """Frames the device can hold before the capture thread reads them."""
     overruns: int
     """Overruns (-EPIPE) seen so far; the stream has already recovered from each."""
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
 from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
@@ -10,21 +10,31 @@ from linerec.hw.gpio import GpioInput, GpioLed
 
 
 class WallClock:
-    """Real time: nothing to advance; events are stamped when they happen."""
+    """Real time. Each tick anchors a capture position to the wall clock, so an event dated
+    to an earlier sample (an on-hook that began 800 ms before it was confirmed) gets the
+    wall-clock time of that sample."""
+
+    def __init__(self, rate: int) -> None:
+        self._rate = rate
+        self._anchors: dict[str, tuple[int, datetime]] = {}
 
     def advance(self, capture: str, position: int) -> None:
-        pass
+        self._anchors[capture] = (position, datetime.now(UTC))
 
     def timestamp(self, capture: str, position: int) -> datetime:
-        return datetime.now(UTC)
+        anchor = self._anchors.get(capture)
+        if anchor is None:
+            return datetime.now(UTC)
+        anchored_at, moment = anchor
+        return moment + timedelta(seconds=(position - anchored_at) / self._rate)
 
 
 class PiHat:
     """The HAT on a Raspberry Pi. gpiozero picks its pin factory (lgpio on current Pis;
     GPIOZERO_PIN_FACTORY overrides)."""
 
-    def __init__(self) -> None:
-        self.clock = WallClock()
+    def __init__(self, rate: int) -> None:
+        self.clock = WallClock(rate)
 
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
         return AlsaCapture(capture, audio)

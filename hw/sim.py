@@ -57,9 +57,20 @@ class SimulatedClock:
         self._hat = hat
         self._rate = rate
         self._epoch = epoch
+        self._ticks = threading.Condition()
+        self._started: dict[str, int] = {}
 
     def advance(self, capture: str, position: int) -> None:
         self._hat.fire_gpio(capture, position)
+        with self._ticks:
+            self._started[capture] = position
+            self._ticks.notify_all()
+
+    def wait_for_tick(self, capture: str, position: int, timeout: float) -> bool:
+        """Wait until the engine has begun the tick that ends at ``position``."""
+        with self._ticks:
+            return self._ticks.wait_for(lambda: self._started.get(capture, 0) >= position,
+                                        timeout)
 
     def timestamp(self, capture: str, position: int) -> datetime:
         return self._epoch + timedelta(seconds=position / self._rate)
@@ -98,14 +109,17 @@ class SimulatedHat:
         self._capture_fds: dict[str, int] = {}
         self._output_fds: dict[str, int] = {}
         self._outputs: dict[str, AlsaLineOutput] = {}
+        self._captures: dict[str, AlsaCapture] = {}
         self.broken_outputs: set[str] = set()
         self._write_asoundrc()
 
     # ---- the Hat interface --------------------------------------------------------
 
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
-        return AlsaCapture(dataclasses.replace(capture, device=capture_pcm_name(capture.name)),
-                           audio)
+        stream = AlsaCapture(
+            dataclasses.replace(capture, device=capture_pcm_name(capture.name)), audio)
+        self._captures[capture.name] = stream
+        return stream
 
     def open_line_output(self, line: LineConfig, audio: AudioConfig) -> AlsaLineOutput:
         output = AlsaLineOutput(dataclasses.replace(line, playback=output_pcm_name(line.name)),
@@ -128,6 +142,9 @@ class SimulatedHat:
         """Closing the FIFO's only writer ends the capture thread's blocked read."""
         for feeder in self._feeders:
             feeder.stop()
+        for feeder in self._feeders:
+            # It waits at most 0.1 s at a time, so it sees the stop before its next write.
+            feeder.join(timeout=STALL_TIMEOUT_S)
         for fd in self._capture_fds.values():
             os.close(fd)
         self._capture_fds.clear()
@@ -252,7 +269,10 @@ class _LineFeeder(threading.Thread):
         hat = self.hat
         period = hat.period
         fd = hat._capture_fds[self.capture.name]
-        delays = {line.name: hat._outputs[line.name].buffer_frames + period for line in self.lines}
+        # Heard on the line as late as the daemon allows for (Line._output_latency).
+        capture_buffer = hat._captures[self.capture.name].buffer_frames
+        buffers = {line.name: hat._outputs[line.name].buffer_frames for line in self.lines}
+        delays = {name: period + buffer + capture_buffer for name, buffer in buffers.items()}
         started = time.monotonic()
         for start in range(0, hat.total, period):
             if self._stopping:
@@ -262,15 +282,31 @@ class _LineFeeder(threading.Thread):
                 if lag > 0:
                     time.sleep(lag)
             block = np.zeros((period, self.capture.channels), dtype=np.int16)
+            # Lock-step: the engine has begun the previous tick, and what it played then has
+            # come out (alsa-lib hands it on one output buffer later), before this period
+            # goes in. So the capture never runs more than a period ahead of the engine.
+            if start and not self._wait_for_engine(start):
+                return
             for index, line in enumerate(self.lines):
-                delay = delays[line.name]
-                echo = self._echo(line.name, start - delay, period)
+                self._read_played(line.name, start - buffers[line.name])
+                echo = self._echo(line.name, start - delays[line.name], period)
                 mixed = hat._far_end[line.name][start : start + period] + echo
                 samples = np.clip(np.round(mixed), -32768, 32767).astype(np.int16)
                 block[:, line.channel] = samples
                 self.line_audio[start : start + period, index] = samples
             os.write(fd, block.astype("<i2").tobytes())
             self.written = start + period
+
+    def _wait_for_engine(self, position: int) -> bool:
+        waited = 0.0
+        while not self.hat.clock.wait_for_tick(self.capture.name, position, 0.1):
+            if self._stopping:
+                return False
+            waited += 0.1
+            if waited >= STALL_TIMEOUT_S:
+                raise HardwareError(f"simulated line {self.capture.name}: the daemon read "
+                                    f"nothing for {STALL_TIMEOUT_S} s (at sample {position})")
+        return True
 
     def _echo(self, line: str, first: int, count: int) -> np.ndarray:
         """Played samples [first, first + count) as heard on the line (zero before 0)."""
@@ -289,7 +325,7 @@ class _LineFeeder(threading.Thread):
         fd = self.hat._output_fds[line]
         waited = 0.0
         while self._played_frames[line] < frames:
-            if line in self.hat.broken_outputs:
+            if line in self.hat.broken_outputs or self._stopping:
                 return
             ready, _, _ = select.select([fd], [], [], 0.1)
             if not ready:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ BAD = [
     ("append", "[audio]\nbitrate = 'fast'\n", "audio.bitrate", "whole number"),
     ("append", "[audio]\nperiods = 1\n", "audio.periods", "out of range"),
     ("append", "[audio]\npage_interval_s = true\n", "audio.page_interval_s", "number"),
+    ("append", "hook_debounce_ms = 100\nonhook_confirm_ms = 100\n", "line[1].onhook_confirm_ms",
+     "at least hook_debounce_ms + one period (120 ms)"),
     ("replace", ('name = "line2"', 'name = "line1"'), "line[1].name", "used twice"),
     ("replace", ('name = "line2"', 'name = "Line 2"'), "line[1].name", "lower-case"),
     ("replace", ("hook_pin = 23", "hook_pin = 17"), "line[1].hook_pin", "already used"),
@@ -125,3 +128,15 @@ def test_the_documented_example_is_a_valid_config(tmp_path: Path) -> None:
     config = load_config(path)
     assert [line.name for line in config.line] == ["line1", "line2"]
     assert config.mqtt is not None and "change-me" not in repr(config.mqtt)
+
+
+def test_a_wav_header_with_no_sample_rate_is_named(tmp_path: Path) -> None:
+    broken = tmp_path / "zero-rate.wav"
+    fmt = struct.pack("<HHIIHH", 1, 1, 0, 0, 2, 16)
+    data = bytes(320)
+    broken.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE"
+                       + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+                       + b"data" + struct.pack("<I", len(data)) + data)
+    result = linerec("check-config", str(sim_config(tmp_path, disclosure=broken)))
+    assert result.returncode == 2, result.stderr
+    assert "line[0].disclosure" in result.stderr and "sample rate of 0 Hz" in result.stderr

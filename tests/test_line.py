@@ -3,17 +3,24 @@ watch the LED pins and break hardware at a chosen moment."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from simhelpers import RECORDED_CALL, recordings, sim_config, step, write_scenario
 
+from linerec.audio.pcm import load_line_audio
+from linerec.audio.ring import SampleRing
 from linerec.daemon.config import load_config
-from linerec.daemon.line import HookEdge, HookFilter
+from linerec.daemon.events import EventBus
+from linerec.daemon.line import HookEdge, HookFilter, Line
 from linerec.daemon.simulate import packaged_disclosure, run_simulation
-from linerec.hw.gpio import pin_is_high
+from linerec.hw.alsa import AlsaLineOutput
+from linerec.hw.board import WallClock
+from linerec.hw.gpio import GpioInput, GpioLed, drive_input, mock_pin_factory, pin_is_high
 from linerec.hw.scenario import load_scenario
 from linerec.hw.sim import SimulatedHat
 
@@ -112,3 +119,53 @@ def test_played_disclosure_is_sample_exact_for_a_16_khz_line(tmp_path: Path) -> 
     played = hat.played("line1")
     assert np.count_nonzero(played) > 0
     assert watcher.events[2]["sample"] > watcher.events[1]["sample"] + 7 * 16000
+
+
+def test_disclosure_end_follows_the_capture_clock_when_the_engine_lags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On real hardware the capture runs on, whatever the engine does. If the engine is a
+    second behind when it plays the disclosure, the notice leaves the line a second later
+    than the tick position says: the recording must not start before that."""
+    asoundrc = tmp_path / "asoundrc"
+    asoundrc.write_text('pcm.out { type file slave.pcm "null" file "/dev/null" format "raw" }\n')
+    monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{asoundrc}")
+    config = load_config(sim_config(tmp_path))
+    line_config = dataclasses.replace(config.line[0], playback="out")
+    factory = mock_pin_factory()
+    events: list[dict[str, Any]] = []
+
+    class Collect:
+        def publish(self, event: dict[str, Any]) -> None:
+            events.append(event)
+
+    period, capture_buffer, lag = 160, 640, 8000
+    output = AlsaLineOutput(line_config, config.audio)
+    ring = SampleRing(32768)
+    line = Line(line_config, config.audio, capture_name="tap", capture_period=period,
+                capture_buffer=capture_buffer, ring=ring,
+                hook=GpioInput(17, active_high=True, name="hook", pin_factory=factory),
+                ringer=GpioInput(27, active_high=True, name="ring", pin_factory=factory),
+                led=GpioLed(22, name="led", pin_factory=factory), output=output,
+                clock=WallClock(8000), storage=tmp_path / "recordings", device_id="office",
+                events=EventBus([Collect()]))
+    try:
+        ring.write(np.zeros(lag, np.int16))  # the capture thread is a second ahead
+        drive_input(factory, 27, high=True)
+        position = 0
+        while not any(e["event"] == "recording_started" for e in events):
+            ring.write(np.zeros(period, np.int16))
+            if position == 3200:
+                drive_input(factory, 17, high=True)
+                drive_input(factory, 27, high=False)
+            line.tick(position, period)
+            position += period
+            assert position < 20 * 8000
+        started = next(e for e in events if e["event"] == "disclosure_started")
+        disclosure = load_line_audio(line_config.disclosure, 8000)
+        last_sample_played_at = started["sample"] + len(disclosure) + lag
+        completed = next(e for e in events if e["event"] == "disclosure_completed")
+        assert completed["sample"] >= last_sample_played_at + output.buffer_frames
+        line.shutdown(position)
+    finally:
+        output.close()
+        factory.close()

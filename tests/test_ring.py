@@ -30,3 +30,14 @@ def test_overwritten_and_future_samples_are_refused() -> None:
     assert (caught.value.start, caught.value.oldest) == (2, 4)
     with pytest.raises(ValueError, match="not captured"):
         ring.read(18, 4)
+
+
+def test_an_overwrite_under_way_is_detected() -> None:
+    """The producer announces a write before it copies: a reader that copies meanwhile must
+    not take the half-overwritten samples for old audio."""
+    ring = SampleRing(16)
+    ring.write(np.arange(16, dtype=np.int16))
+    ring._writing = ring.written + 4  # the capture thread is about to overwrite 0..3
+    with pytest.raises(RingOverrun):
+        ring.read(0, 8)
+    np.testing.assert_array_equal(ring.read(4, 8), np.arange(4, 12))

@@ -114,3 +114,27 @@ def test_run_refuses_a_bad_config_with_status_2(tmp_path: Path) -> None:
                              str(bad)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert f"{bad}: storage: expected a path" in result.stderr
+
+
+def test_run_exits_cleanly_when_a_device_is_missing(tmp_path: Path) -> None:
+    config = sim_config(tmp_path)
+    config.write_text(config.read_text().replace('"hw:CARD=tapHAT"', '"linerec_no_such_pcm"'))
+    env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
+    env.pop("JOURNAL_STREAM", None)
+    result = subprocess.run([sys.executable, "-m", "linerec.daemon.cli", "run", "--config",
+                             str(config)], env=env, capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 1
+    assert "ALSA device 'linerec_no_such_pcm' (capture 'tap') cannot be opened" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_storage_is_refused_before_any_call(tmp_path: Path) -> None:
+    scenario = tmp_path / "s.toml"
+    scenario.write_text("duration = 1.0\n")
+    result = subprocess.run([sys.executable, "-m", "linerec.daemon.cli", "simulate",
+                             "--scenario", str(scenario), "--storage", "/dev/null/recordings"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1
+    assert "storage folder /dev/null/recordings is not writable" in result.stderr
+    assert "Traceback" not in result.stderr
