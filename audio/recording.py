@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import secrets
@@ -16,6 +17,8 @@ from linerec.audio.ogg import OPUS_GRANULE_RATE, OggOpusWriter
 from linerec.audio.opus import FRAMES_PER_SECOND, VoiceEncoder
 
 PART_SUFFIX = ".part"
+
+logger = logging.getLogger(__name__)
 
 
 class RecordingFile:
@@ -82,7 +85,12 @@ class RecordingFile:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.part_path, self.path)
-        _fsync_dir(self.path.parent)
+        try:
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            # The file itself is complete and synced; only its new name may not survive a
+            # power cut yet.
+            logger.warning("fsync of %s failed: %s", self.path.parent, exc)
         return self._writer.bytes_written
 
     def abandon(self) -> None:

@@ -57,6 +57,13 @@ class AudioConfig:
     """Opus encoder complexity (0 fastest, 10 best)."""
     page_interval_s: float = field(default=1.0, metadata=_range(0.02, 10.0))
     """Longest time between two Ogg pages written to disk (seconds)."""
+    line_delay_ms: int = field(default=20, metadata=_range(0, 500))
+    """Delay of the HAT's codec, transformer and line beyond the ALSA buffers: added to
+    the time a disclosure needs to be heard before recording may start (milliseconds)."""
+
+    @property
+    def line_delay_frames(self) -> int:
+        return self.line_delay_ms * self.rate // 1000
 
 
 @dataclass(frozen=True)

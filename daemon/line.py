@@ -35,7 +35,14 @@ from linerec.daemon.config import AudioConfig, LineConfig
 from linerec.daemon.events import EventBus, EventKind, iso_ms, make_event
 from linerec.daemon.paths import new_call_id, receipt_path, recording_path
 from linerec.daemon.receipt import write_receipt
-from linerec.hw.base import BinaryInput, Clock, HardwareError, Indicator, LineOutput
+from linerec.hw.base import (
+    BinaryInput,
+    Clock,
+    HardwareError,
+    Indicator,
+    LineOutput,
+    output_latency,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -170,11 +177,9 @@ class Line:
         self._hook = HookFilter(
             debounce=config.hook_debounce_ms * ms, onhook_confirm=config.onhook_confirm_ms * ms
         )
-        # Bound on when a sample written to the line output is in our capture: the blocking
-        # write takes at most one period to accept it, it leaves the output at most one
-        # output buffer later, and the capture device holds it at most one capture buffer
-        # before the capture thread has read it. Both devices run on the HAT's one clock.
-        self._output_latency = capture_period + output.buffer_frames + capture_buffer
+        self._output_latency = output_latency(
+            capture_period=capture_period, capture_buffer=capture_buffer,
+            output_buffer=output.buffer_frames, line_delay=audio.line_delay_frames)
         self._catch_up = 2 * capture_period
         # The encoder stays this far behind the capture, so that a confirmed on-hook can
         # still cut the recording at the sample where the loop opened.
@@ -205,7 +210,11 @@ class Line:
             if self._hook.loop_open or (edge and edge[0] is HookEdge.ONHOOK):
                 self._fail_disclosure(
                     "the loop opened (on-hook or hook-flash) during the disclosure", end)
-            elif self.call is not None and self.call.heard_by(end):
+                if edge and edge[0] is HookEdge.ONHOOK:
+                    self._end_call(edge[1], "onhook")
+            elif self.call is not None and self.call.heard_by(end - self._hook.debounce):
+                # Waiting one debounce past the end lets a loop break that began just before
+                # it show itself as loop_open first.
                 self._arm_recording(self._complete_disclosure())
         elif edge and edge[0] is HookEdge.ONHOOK:  # RECORDING or UNRECORDED
             self._end_call(edge[1], "onhook")
@@ -370,9 +379,15 @@ class Line:
         call.recording = None
         try:
             size = recording.close()
-        except OSError as exc:
+        except Exception as exc:
             recording.abandon()
             self._led.off()
+            call.recording_summary = {
+                "file": recording.part_path.name,
+                "status": "incomplete",
+                "first_sample": first,
+                "error": str(exc),
+            }
             self._emit(EventKind.ERROR, stop,
                        message=f"closing the recording {recording.path} failed: {exc}; "
                        f"what was written is in {recording.part_path}")
@@ -381,6 +396,7 @@ class Line:
         duration = round(recording.samples / self._rate, 3)
         call.recording_summary = {
             "file": recording.path.name,
+            "status": "complete",
             "first_sample": first,
             "end_sample": first + recording.samples,
             "duration_s": duration,
@@ -400,8 +416,9 @@ class Line:
             self._stop_recording(at)
         ended = self._clock.timestamp(self._capture_name, at)
         duration = round((at - call.offhook_sample) / self._rate, 3)
+        recorded = (call.recording_summary or {}).get("status") == "complete"
         self._emit(EventKind.CALL_ENDED, at, reason=reason, duration_s=duration,
-                   recorded=call.recording_summary is not None)
+                   recorded=recorded)
         self._write_receipt(call, at, ended, reason)
         self.call = None
         self.state = LineState.IDLE
@@ -418,15 +435,18 @@ class Line:
             chunk = call.disclosure[call.disclosure_written : call.disclosure_written + frames]
             if len(chunk) < frames:
                 chunk = np.concatenate([chunk, np.zeros(frames - len(chunk), np.int16)])
-        elif self._ring_buffer.written - end >= self._catch_up:
-            # The engine fell behind the capture (a slow disk, say). A blocking write of
-            # silence would hold it to real time and keep it behind; skip it and catch up.
+        elif (self._ring_buffer.written - end >= self._catch_up
+              and self._output.space() < frames):
+            # The engine fell behind the capture (a slow disk, say). A write of silence to a
+            # full output would block, hold it to real time and keep it behind; skip it and
+            # catch up. The output stays full, so a disclosure starts with a full cushion.
             return
         else:
             if len(self._silence) != frames:
                 self._silence = np.zeros(frames, np.int16)
             chunk = self._silence
         captured_before_write = self._ring_buffer.written
+        underruns_before = self._output.underruns
         try:
             self._output.write(chunk)
         except HardwareError as exc:
@@ -437,6 +457,12 @@ class Line:
             self._output_failed = True
             return
         self._output_failed = False
+        if (self.state is LineState.DISCLOSING and call is not None
+                and call.disclosure_written and self._output.underruns != underruns_before):
+            # The output ran dry after the notice began: the far end heard a gap in it.
+            self._fail_disclosure("the line output ran dry (underrun) during the disclosure",
+                                  start)
+            return
         if self.state is LineState.DISCLOSING and call is not None and call.disclosure is not None:
             call.disclosure_written = min(len(call.disclosure), call.disclosure_written + frames)
             if call.disclosure_written == len(call.disclosure) and call.disclosure_line_end is None:

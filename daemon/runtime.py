@@ -54,7 +54,8 @@ class Recorder:
         self.until = until
         self.engines: list[TapEngine] = []
         self.lines: list[Line] = []
-        self._closers: list[Callable[[], Any]] = []
+        self._closers: list[tuple[str, Callable[[], Any]]] = []
+        """What to close, in opening order, each with its capture device's name."""
 
     def start(self) -> None:
         try:
@@ -70,22 +71,23 @@ class Recorder:
             line_configs = self.config.lines_on(capture_config)
             if not line_configs:
                 continue
+            group = capture_config.name
             stream = self.hat.open_capture(capture_config, audio)
-            self._closers.append(stream.close)
+            self._closers.append((group, stream.close))
             rings: dict[int, SampleRing] = {}
             lines: list[Line] = []
             for line_config in line_configs:
                 ring = SampleRing(audio.rate * RING_SECONDS)
                 rings[line_config.channel] = ring
                 output = self.hat.open_line_output(line_config, audio)
-                self._closers.append(output.close)
+                self._closers.append((group, output.close))
                 hook = self.hat.hook_sensor(line_config)
-                self._closers.append(hook.close)
+                self._closers.append((group, hook.close))
                 ringer = self.hat.ring_sensor(line_config)
-                self._closers.append(ringer.close)
+                self._closers.append((group, ringer.close))
                 led = self.hat.recording_led(line_config)
                 led.off()
-                self._closers.append(led.close)
+                self._closers.append((group, led.close))
                 lines.append(Line(
                     line_config,
                     audio,
@@ -129,14 +131,17 @@ class Recorder:
         """Stop in reverse order of start: engines, open calls, capture, devices.
         Safe after a start that failed half-way."""
         started = [engine for engine in self.engines if engine.ident is not None]
+        stuck: set[str] = set()
         for engine in started:
             engine.stop()
         for engine in started:
             engine.join(timeout=STOP_TIMEOUT_S)
             if engine.is_alive():
-                # Two threads must never drive one line: leave its calls to the .part
-                # repair at the next start rather than close them from here.
+                # Two threads must never drive one line, and a thread inside alsa-lib must
+                # not have its device closed under it: leave that device's calls and
+                # devices alone (their recordings stay as .part files).
                 logger.error("engine %s did not stop; its calls are left open", engine.name)
+                stuck.add(engine.capture_name)
             else:
                 engine.shutdown_lines()
         for engine in started:
@@ -145,12 +150,15 @@ class Recorder:
         for engine in started:
             engine.capture.join(timeout=STOP_TIMEOUT_S)
             if engine.capture.is_alive():
-                logger.warning("capture thread %s did not stop", engine.capture.name)
-        self._close_all()
+                logger.error("capture thread %s did not stop", engine.capture.name)
+                stuck.add(engine.capture_name)
+        self._close_all(skip=stuck)
 
-    def _close_all(self) -> None:
+    def _close_all(self, skip: set[str] | None = None) -> None:
         while self._closers:
-            closer = self._closers.pop()
+            group, closer = self._closers.pop()
+            if skip and group in skip:
+                continue
             try:
                 closer()
             except Exception:

@@ -91,14 +91,19 @@ class AlsaLineOutput:
         self.buffer_frames = int(self._pcm.info()["buffer_size"])
         self.underruns = 0
 
+    def space(self) -> int:
+        try:
+            return max(0, int(self._pcm.avail()))
+        except alsaaudio.ALSAAudioError as exc:
+            raise HardwareError(f"playback to {self.name!r} failed: {exc}") from exc
+
     def write(self, samples: np.ndarray) -> None:
         data = samples.astype("<i2").tobytes()
         try:
-            written = self._pcm.write(data)
-            if written == -errno.EPIPE:
-                # Underrun: pyalsaaudio re-prepared the stream but did not write; once more.
+            # pyalsaaudio re-prepares an underrun stream silently before it writes: look first.
+            if self._pcm.state() == alsaaudio.PCM_STATE_XRUN:
                 self.underruns += 1
-                written = self._pcm.write(data)
+            written = self._pcm.write(data)
         except alsaaudio.ALSAAudioError as exc:
             raise HardwareError(f"playback to {self.name!r} failed: {exc}") from exc
         if written != len(samples):

@@ -10,6 +10,20 @@ import numpy as np
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
 
 
+def output_latency(*, capture_period: int, capture_buffer: int, output_buffer: int,
+                   line_delay: int) -> int:
+    """How many capture samples after the line output is given a sample that sample is
+    surely in a line's ring. Both devices run on the HAT's one clock:
+
+    - the blocking write takes at most one period to accept it,
+    - it leaves the output at most one output buffer later,
+    - the codec, transformer and line add ``line_delay``,
+    - the capture device holds it at most one capture buffer before the capture thread
+      reads it, and the capture thread holds one period between reading and the ring.
+    """
+    return 2 * capture_period + output_buffer + line_delay + capture_buffer
+
+
 class HardwareError(RuntimeError):
     """A device failed or could not be opened; the message names the device."""
 
@@ -36,6 +50,11 @@ class LineOutput(Protocol):
 
     buffer_frames: int
     """Frames the device buffers: what is written leaves the line at most this much later."""
+    underruns: int
+    """Times the device ran dry before a write (a gap in what it played)."""
+
+    def space(self) -> int:
+        """Frames that can be written now without blocking."""
 
     def write(self, samples: np.ndarray) -> None:
         """Queue mono int16 samples for playback; raises HardwareError when it fails."""

@@ -32,7 +32,7 @@ import numpy as np
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig
 from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
-from linerec.hw.base import HardwareError
+from linerec.hw.base import HardwareError, output_latency
 from linerec.hw.gpio import GpioInput, GpioLed, drive_input, mock_pin_factory
 from linerec.hw.scenario import GpioChange, Scenario
 
@@ -269,10 +269,15 @@ class _LineFeeder(threading.Thread):
         hat = self.hat
         period = hat.period
         fd = hat._capture_fds[self.capture.name]
-        # Heard on the line as late as the daemon allows for (Line._output_latency).
+        # Heard on the line as late as the daemon allows for.
         capture_buffer = hat._captures[self.capture.name].buffer_frames
         buffers = {line.name: hat._outputs[line.name].buffer_frames for line in self.lines}
-        delays = {name: period + buffer + capture_buffer for name, buffer in buffers.items()}
+        delays = {
+            name: output_latency(capture_period=period, capture_buffer=capture_buffer,
+                                 output_buffer=buffer,
+                                 line_delay=hat.config.audio.line_delay_frames)
+            for name, buffer in buffers.items()
+        }
         started = time.monotonic()
         for start in range(0, hat.total, period):
             if self._stopping:

@@ -121,51 +121,119 @@ def test_played_disclosure_is_sample_exact_for_a_16_khz_line(tmp_path: Path) -> 
     assert watcher.events[2]["sample"] > watcher.events[1]["sample"] + 7 * 16000
 
 
+class LineBench:
+    """One Line on real hardware adapters (an alsa-lib file PCM as its line output, mock
+    pins), ticked by the test itself, so that the capture can run ahead of the engine as it
+    does on real hardware, and hook changes can be placed on any period."""
+
+    PERIOD = 160
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **line: Any) -> None:
+        asoundrc = tmp_path / "asoundrc"
+        asoundrc.write_text(
+            'pcm.out { type file slave.pcm "null" file "/dev/null" format "raw" }\n')
+        monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{asoundrc}")
+        config = load_config(sim_config(tmp_path))
+        # dataclasses.replace skips the config checks: a test may set what a file cannot.
+        self.config = dataclasses.replace(config.line[0], playback="out", **line)
+        self.factory = mock_pin_factory()
+        self.events: list[dict[str, Any]] = []
+        self.output = AlsaLineOutput(self.config, config.audio)
+        self.ring = SampleRing(32768)
+        self.line = Line(
+            self.config, config.audio, capture_name="tap", capture_period=self.PERIOD,
+            capture_buffer=640, ring=self.ring,
+            hook=GpioInput(17, active_high=True, name="hook", pin_factory=self.factory),
+            ringer=GpioInput(27, active_high=True, name="ring", pin_factory=self.factory),
+            led=GpioLed(22, name="led", pin_factory=self.factory), output=self.output,
+            clock=WallClock(8000), storage=tmp_path / "recordings", device_id="office",
+            events=EventBus([self]))
+        self.position = 0
+
+    def publish(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [e["event"] for e in self.events]
+
+    def sample_of(self, kind: str) -> int:
+        return int(next(e for e in self.events if e["event"] == kind)["sample"])
+
+    def run(self, until: int, changes: dict[int, tuple[int, bool]], lag: int = 0) -> None:
+        """Tick up to sample ``until``; ``changes`` maps a sample position to (pin, level);
+        ``lag`` is how far the capture is ahead of the engine."""
+        if self.position == 0 and lag:
+            self.ring.write(np.zeros(lag, np.int16))
+        while self.position < until:
+            for at, (pin, level) in changes.items():
+                if self.position <= at < self.position + self.PERIOD:
+                    drive_input(self.factory, pin, high=level)
+            self.ring.write(np.zeros(self.PERIOD, np.int16))
+            self.line.tick(self.position, self.PERIOD)
+            self.position += self.PERIOD
+
+    def close(self) -> None:
+        self.line.shutdown(self.position)
+        self.output.close()
+        self.factory.close()
+
+
+HOOK, RING = 17, 27
+ANSWERED_AT = {0: (RING, True), 3200: (HOOK, True), 3360: (RING, False)}
+
+
 def test_disclosure_end_follows_the_capture_clock_when_the_engine_lags(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On real hardware the capture runs on, whatever the engine does. If the engine is a
     second behind when it plays the disclosure, the notice leaves the line a second later
     than the tick position says: the recording must not start before that."""
-    asoundrc = tmp_path / "asoundrc"
-    asoundrc.write_text('pcm.out { type file slave.pcm "null" file "/dev/null" format "raw" }\n')
-    monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{asoundrc}")
-    config = load_config(sim_config(tmp_path))
-    line_config = dataclasses.replace(config.line[0], playback="out")
-    factory = mock_pin_factory()
-    events: list[dict[str, Any]] = []
-
-    class Collect:
-        def publish(self, event: dict[str, Any]) -> None:
-            events.append(event)
-
-    period, capture_buffer, lag = 160, 640, 8000
-    output = AlsaLineOutput(line_config, config.audio)
-    ring = SampleRing(32768)
-    line = Line(line_config, config.audio, capture_name="tap", capture_period=period,
-                capture_buffer=capture_buffer, ring=ring,
-                hook=GpioInput(17, active_high=True, name="hook", pin_factory=factory),
-                ringer=GpioInput(27, active_high=True, name="ring", pin_factory=factory),
-                led=GpioLed(22, name="led", pin_factory=factory), output=output,
-                clock=WallClock(8000), storage=tmp_path / "recordings", device_id="office",
-                events=EventBus([Collect()]))
+    bench = LineBench(tmp_path, monkeypatch)
+    lag = 8000
     try:
-        ring.write(np.zeros(lag, np.int16))  # the capture thread is a second ahead
-        drive_input(factory, 27, high=True)
-        position = 0
-        while not any(e["event"] == "recording_started" for e in events):
-            ring.write(np.zeros(period, np.int16))
-            if position == 3200:
-                drive_input(factory, 17, high=True)
-                drive_input(factory, 27, high=False)
-            line.tick(position, period)
-            position += period
-            assert position < 20 * 8000
-        started = next(e for e in events if e["event"] == "disclosure_started")
-        disclosure = load_line_audio(line_config.disclosure, 8000)
-        last_sample_played_at = started["sample"] + len(disclosure) + lag
-        completed = next(e for e in events if e["event"] == "disclosure_completed")
-        assert completed["sample"] >= last_sample_played_at + output.buffer_frames
-        line.shutdown(position)
+        bench.run(20 * 8000, ANSWERED_AT, lag=lag)
+        disclosure = load_line_audio(bench.config.disclosure, 8000)
+        last_sample_played_at = bench.sample_of("disclosure_started") + len(disclosure) + lag
+        assert bench.sample_of("disclosure_completed") >= (
+            last_sample_played_at + bench.output.buffer_frames)
+        assert bench.sample_of("recording_started") == bench.sample_of("disclosure_completed")
     finally:
-        output.close()
-        factory.close()
+        bench.close()
+
+
+def test_a_loop_break_just_before_the_disclosure_end_fails_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "flash").mkdir()
+    clean = LineBench(tmp_path / "clean", monkeypatch)
+    try:
+        clean.run(20 * 8000, ANSWERED_AT)
+        line_end = clean.sample_of("disclosure_completed")
+    finally:
+        clean.close()
+    # A 400 ms hook-flash that begins in the last period before the notice has fully left
+    # the line: at the tick that would arm the recording it is still shorter than bounce.
+    bench = LineBench(tmp_path / "flash", monkeypatch)
+    flash = (line_end - 1) // bench.PERIOD * bench.PERIOD
+    assert flash < line_end
+    try:
+        bench.run(20 * 8000, {**ANSWERED_AT, flash: (HOOK, False), flash + 3200: (HOOK, True)})
+        assert bench.kinds() == ["call_started", "disclosure_started", "disclosure_failed"]
+    finally:
+        bench.close()
+    assert not list((tmp_path / "flash" / "recordings").rglob("*.opus*"))
+
+
+def test_a_hang_up_confirmed_as_the_loop_opens_ends_the_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no gap between debounce and on-hook confirmation (which the config refuses),
+    the on-hook edge arrives while disclosing: the call must still end there, and the next
+    off-hook is a new call."""
+    bench = LineBench(tmp_path, monkeypatch, hook_debounce_ms=200, onhook_confirm_ms=200)
+    try:
+        bench.run(20 * 8000, {**ANSWERED_AT, 40000: (HOOK, False), 80000: (HOOK, True)})
+        assert bench.kinds() == ["call_started", "disclosure_started", "disclosure_failed",
+                                 "call_ended", "call_started", "disclosure_failed"]
+        assert bench.events[3]["sample"] == 40000
+        assert bench.events[4]["direction"] == "outbound"
+    finally:
+        bench.close()
