@@ -21,11 +21,18 @@ PART_SUFFIX = ".part"
 logger = logging.getLogger(__name__)
 
 
+MAX_REWIND_S = 2.5
+"""How far before the audio written so far a recording may still be ended: the longest
+on-hook confirmation (2 s) and a period, with room to spare."""
+
+
 class RecordingFile:
     """Encodes samples into ``<path>.part`` and renames it to ``path`` when closed.
 
-    The final name only ever holds a complete stream with its EOS page; what a crash
-    leaves behind is the ``.part``.
+    Each Ogg page goes to the operating system as soon as it is complete (a crash of the
+    process loses at most the page being filled) and to the disk every ``fsync_interval_s``
+    of audio (a power cut loses at most that). The final name only ever holds a complete
+    stream with its EOS page; what a crash leaves behind is the ``.part``.
     """
 
     def __init__(
@@ -36,6 +43,7 @@ class RecordingFile:
         bitrate: int,
         complexity: int,
         page_interval_s: float,
+        fsync_interval_s: float,
         vendor: str,
         tags: Mapping[str, str],
     ) -> None:
@@ -55,11 +63,15 @@ class RecordingFile:
             tags=tags,
             serial=secrets.randbits(32),
             packets_per_page=max(1, round(page_interval_s * FRAMES_PER_SECOND)),
+            keep_pages=math.ceil(MAX_REWIND_S / page_interval_s) + 2,
         )
+        self._file.flush()
+        self._pages_on_disk = self._writer.pages_written
+        self._fsync_every = max(1, round(fsync_interval_s * rate))
+        self._synced_at = 0
         self._carry = np.zeros(0, dtype=np.int16)
-        self._frames_encoded = 0
         self.samples = 0
-        """Input samples handed to the recording so far."""
+        """Input samples handed to the recording so far (its length, once closed)."""
 
     def write(self, samples: np.ndarray) -> None:
         """Encode whole 20 ms frames; a partial frame waits for the next call."""
@@ -69,24 +81,37 @@ class RecordingFile:
         for start in range(0, whole, self._frame):
             self._encode(pending[start : start + self._frame])
         self._carry = pending[whole:].copy()
+        if self._writer.pages_written != self._pages_on_disk:
+            self._file.flush()
+            self._pages_on_disk = self._writer.pages_written
+            if self.samples - self._synced_at >= self._fsync_every:
+                os.fdatasync(self._file.fileno())
+                self._synced_at = self.samples
 
-    def close(self) -> int:
-        """Finish the stream, make it durable, give it its final name; returns its size."""
-        # Decoding must yield pre-skip + every input sample: pad with silence, then let the
-        # EOS granule trim the padding back off.
-        needed = self._writer.pre_skip + self.samples * self._scale
-        frames_needed = math.ceil(needed / (self._frame * self._scale))
-        tail = np.zeros(max(0, frames_needed - self._frames_encoded) * self._frame, np.int16)
-        tail[: len(self._carry)] = self._carry
-        for start in range(0, len(tail), self._frame):
-            self._encode(tail[start : start + self._frame])
-        self._writer.finish(self.samples)
+    def close(self, end: int | None = None) -> int:
+        """Finish the stream after ``end`` samples (default: all written), make it durable
+        and give it its final name; returns its size. ``end`` may lie up to MAX_REWIND_S
+        before the samples written: the stream is then cut back."""
+        end = self.samples if end is None else end
+        if not 0 <= end <= self.samples:
+            raise ValueError(f"cannot end a recording of {self.samples} samples at {end}")
+        # Decoding must yield pre-skip + every kept sample: pad with silence, then let the
+        # EOS granule trim the padding (and anything after the end) back off.
+        needed = self._writer.pre_skip + end * self._scale
+        tail = self._carry
+        while self._writer.decoded < needed:
+            frame = np.zeros(self._frame, np.int16)
+            frame[: min(len(tail), self._frame)] = tail[: self._frame]
+            tail = tail[self._frame :]
+            self._encode(frame)
+        self._writer.finish(end)
+        self.samples = end
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.part_path, self.path)
         try:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except OSError as exc:
             # The file itself is complete and synced; only its new name may not survive a
             # power cut yet.
@@ -100,10 +125,10 @@ class RecordingFile:
 
     def _encode(self, frame: np.ndarray) -> None:
         self._writer.add_packet(self._encoder.encode(frame), self._frame)
-        self._frames_encoded += 1
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -57,6 +57,9 @@ class AudioConfig:
     """Opus encoder complexity (0 fastest, 10 best)."""
     page_interval_s: float = field(default=1.0, metadata=_range(0.02, 10.0))
     """Longest time between two Ogg pages written to disk (seconds)."""
+    fsync_interval_s: float = field(default=1.0, metadata=_range(0.02, 60.0))
+    """Longest stretch of recorded audio between two fdatasync calls: what a power cut
+    can lose on top of the page being filled (seconds)."""
     line_delay_ms: int = field(default=20, metadata=_range(0, 500))
     """Delay of the HAT's codec, transformer and line beyond the ALSA buffers: added to
     the time a disclosure needs to be heard before recording may start (milliseconds)."""

@@ -21,6 +21,7 @@ class EventKind(StrEnum):
     RECORDING_STARTED = "recording_started"
     RECORDING_STOPPED = "recording_stopped"
     CALL_ENDED = "call_ended"
+    RECORDING_RECOVERED = "recording_recovered"
     ERROR = "error"
 
 

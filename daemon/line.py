@@ -181,9 +181,6 @@ class Line:
             capture_period=capture_period, capture_buffer=capture_buffer,
             output_buffer=output.buffer_frames, line_delay=audio.line_delay_frames)
         self._catch_up = 2 * capture_period
-        # The encoder stays this far behind the capture, so that a confirmed on-hook can
-        # still cut the recording at the sample where the loop opened.
-        self._encode_lag = self._hook.onhook_confirm
         self._ring_window = round(config.ring_window_s * self._rate)
         self._last_ring: int | None = None
         self._silence = np.zeros(0, dtype=np.int16)
@@ -221,7 +218,7 @@ class Line:
 
         self._play(start, frames)
         if self.state is LineState.RECORDING:
-            self._record_until(end - self._encode_lag)
+            self._record_until(end)
 
     def shutdown(self, position: int) -> None:
         """The service stops: close an open recording with what was captured."""
@@ -262,6 +259,7 @@ class Line:
         )
         self.call = call
         self._emit(EventKind.CALL_STARTED, offhook_at, direction=call.direction)
+        self._save_receipt(call, offhook_at)
         if not inbound:
             # On an outbound call the far end hears nothing until it answers, and this
             # version cannot detect the answer yet: a notice played now would be lost, so
@@ -318,6 +316,7 @@ class Line:
                 bitrate=self._audio.bitrate,
                 complexity=self._audio.complexity,
                 page_interval_s=self._audio.page_interval_s,
+                fsync_interval_s=self._audio.fsync_interval_s,
                 vendor=f"linerec {__version__}",
                 tags={
                     "call_id": call.call_id,
@@ -334,9 +333,12 @@ class Line:
             return
         call.recording_first_sample = heard.line_end
         call.recording_next_sample = heard.line_end
+        call.recording_summary = {"file": path.name, "status": "recording",
+                                  "first_sample": heard.line_end}
         self.state = LineState.RECORDING
         self._led.on()
         self._emit(EventKind.RECORDING_STARTED, heard.line_end, file=str(path))
+        self._save_receipt(call, heard.line_end)
 
     def _record_until(self, limit: int) -> None:
         call = self.call
@@ -359,8 +361,14 @@ class Line:
         try:
             call.recording.write(samples)
         except OSError as exc:
-            self._emit(EventKind.ERROR, limit, message=f"writing the recording failed: {exc}")
-            call.recording.abandon()
+            recording = call.recording
+            self._emit(EventKind.ERROR, limit,
+                       message=f"writing the recording failed: {exc}; what was written is in "
+                       f"{recording.part_path}")
+            recording.abandon()
+            call.recording_summary = {"file": recording.part_path.name, "status": "incomplete",
+                                      "first_sample": call.recording_first_sample,
+                                      "error": str(exc)}
             call.recording = None
             self._led.off()
             self.state = LineState.UNRECORDED
@@ -372,13 +380,15 @@ class Line:
         assert call is not None and call.recording is not None
         first = call.recording_first_sample
         assert first is not None
-        self._record_until(max(stop, call.recording_next_sample))
+        self._record_until(stop)
         recording = call.recording
         if recording is None:  # writing failed on the way
             return
         call.recording = None
         try:
-            size = recording.close()
+            # The on-hook is confirmed up to onhook_confirm_ms after the loop opened; the
+            # recording, written meanwhile, is cut back to the sample where it opened.
+            size = recording.close(end=stop - first)
         except Exception as exc:
             recording.abandon()
             self._led.off()
@@ -419,7 +429,7 @@ class Line:
         recorded = (call.recording_summary or {}).get("status") == "complete"
         self._emit(EventKind.CALL_ENDED, at, reason=reason, duration_s=duration,
                    recorded=recorded)
-        self._write_receipt(call, at, ended, reason)
+        self._save_receipt(call, at, ended=ended, reason=reason)
         self.call = None
         self.state = LineState.IDLE
 
@@ -484,15 +494,25 @@ class Line:
             **fields,
         ))
 
-    def _write_receipt(self, call: Call, at: int, ended: datetime, reason: str) -> None:
+    def _save_receipt(self, call: Call, at: int, *, ended: datetime | None = None,
+                      reason: str | None = None) -> None:
+        """Write the call's receipt: while the call is open (``state`` open, so a crash
+        leaves one behind for the start-up recovery), and once more when it ends."""
         path = receipt_path(self._storage, call.call_id, call.started_at)
+        if call.disclosure_completed_at:
+            disclosure_status = "completed"
+        elif call.disclosure_failure:
+            disclosure_status = "failed"
+        else:
+            disclosure_status = "playing"
         receipt = {
             "call_id": call.call_id,
+            "state": "closed" if ended else "open",
             "line": self.name,
             "device_id": self._device_id,
             "direction": call.direction,
             "started_at": iso_ms(call.started_at),
-            "ended_at": iso_ms(ended),
+            "ended_at": iso_ms(ended) if ended else None,
             "end_reason": reason,
             "sample_rate": self._rate,
             "offhook_sample": call.offhook_sample,
@@ -506,7 +526,7 @@ class Line:
                 if call.disclosure_started_at else None,
                 "completed_at": iso_ms(call.disclosure_completed_at)
                 if call.disclosure_completed_at else None,
-                "status": "completed" if call.disclosure_completed_at else "failed",
+                "status": disclosure_status,
                 "failure": call.disclosure_failure,
             },
             "recording": call.recording_summary,

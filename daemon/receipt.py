@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from linerec.audio.recording import fsync_dir
+
 
 def write_receipt(path: Path, receipt: dict[str, Any]) -> None:
     """Write atomically (temp file, fsync, rename) so a receipt is whole or absent."""
@@ -19,3 +21,4 @@ def write_receipt(path: Path, receipt: dict[str, Any]) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -14,6 +14,7 @@ from linerec.daemon.config import Config
 from linerec.daemon.engine import CaptureThread, TapEngine
 from linerec.daemon.events import EventBus
 from linerec.daemon.line import Line
+from linerec.daemon.recovery import recover_interrupted
 from linerec.hw.base import Hat
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Recorder:
 
     def _start(self) -> None:
         check_storage(self.config.storage)
+        recover_interrupted(self.config.storage, self.events)
         audio = self.config.audio
         for capture_config in self.config.capture:
             line_configs = self.config.lines_on(capture_config)

@@ -100,7 +100,8 @@ def test_recording_file_granules_and_exact_length(tmp_path: Path, rate: int,
                                                   samples: int) -> None:
     path = tmp_path / "call.opus"
     recording = RecordingFile(path, rate=rate, bitrate=12000, complexity=9, page_interval_s=1.0,
-                              vendor="linerec test", tags={"line": "line1"})
+                              fsync_interval_s=1.0, vendor="linerec test",
+                              tags={"line": "line1"})
     audio = speechlike(samples, rate)
     for start in range(0, samples, 700):  # odd chunk sizes, as the engine hands them over
         recording.write(audio[start : start + 700])
@@ -135,3 +136,45 @@ def test_recording_file_granules_and_exact_length(tmp_path: Path, rate: int,
     subprocess.run(["opusdec", "--quiet", "--rate", str(rate), str(path), str(out)], check=True)
     with wave.open(str(out)) as wav:
         assert wav.getnframes() == samples
+
+
+@pytest.mark.parametrize("cut_s", [4.99, 4.5, 3.9, 3.0, 2.6])
+def test_a_recording_can_be_ended_before_the_audio_already_written(tmp_path: Path,
+                                                                   cut_s: float) -> None:
+    """An on-hook is confirmed up to 2 s after the loop opened, while the recording runs
+    on: closing cuts the stream back to the sample where the loop opened, even when that
+    lies in pages already on disk."""
+    rate = 8000
+    path = tmp_path / "call.opus"
+    recording = RecordingFile(path, rate=rate, bitrate=12000, complexity=9,
+                              page_interval_s=0.5, fsync_interval_s=1.0,
+                              vendor="linerec test", tags={})
+    audio = speechlike(5 * rate, rate)
+    recording.write(audio)
+    end = round(cut_s * rate)
+    recording.close(end=end)
+    assert recording.samples == end
+    pages = parse_pages(path.read_bytes())
+    assert all(p["crc_ok"] for p in pages)
+    assert [p["sequence"] for p in pages] == list(range(len(pages)))
+    assert pages[-1]["type"] == 4 and pages[-1]["granule"] == 312 + end * 6
+    assert pages[-2]["granule"] < pages[-1]["granule"]  # nothing after the end survives
+    info = subprocess.run(["opusinfo", str(path)], capture_output=True, text=True, check=False)
+    assert info.returncode == 0 and "WARNING" not in info.stdout, info.stdout
+    out = tmp_path / "decoded.wav"
+    subprocess.run(["opusdec", "--quiet", "--rate", str(rate), str(path), str(out)], check=True)
+    with wave.open(str(out)) as wav:
+        decoded = np.frombuffer(wav.readframes(wav.getnframes()), "<i2").astype(float)
+    assert len(decoded) == end
+    source = audio[:end].astype(float)
+    energy = np.sqrt(np.dot(decoded, decoded) * np.dot(source, source))
+    correlation = np.dot(decoded, source) / energy
+    assert correlation > 0.9
+
+
+def test_ending_further_back_than_the_kept_pages_is_refused(tmp_path: Path) -> None:
+    recording = RecordingFile(tmp_path / "call.opus", rate=8000, bitrate=12000, complexity=9,
+                              page_interval_s=0.5, fsync_interval_s=1.0, vendor="t", tags={})
+    recording.write(speechlike(10 * 8000, 8000))
+    with pytest.raises(ValueError, match="not in the last pages"):
+        recording.close(end=8000)
