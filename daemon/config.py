@@ -17,6 +17,7 @@ NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 """Line and device names: they appear in MQTT topics, call ids and file names."""
 
 SUPPORTED_RATES = (8000, 16000)
+CAPTURE_FORMATS = ("S16_LE", "A_LAW", "MU_LAW")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,8 @@ class CaptureConfig:
     """ALSA PCM name of the capture device (for example hw:CARD=tapHAT)."""
     channels: int = field(default=1, metadata=_range(1, 32))
     """Channels the device is opened with; each line taps one of them."""
+    format: str = field(default="S16_LE", metadata={"choices": CAPTURE_FORMATS})
+    """Sample format: S16_LE, or A_LAW / MU_LAW for G.711 ISDN B channels."""
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,20 @@ import errno
 import alsaaudio
 import numpy as np
 
+from linerec.audio import g711
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
 from linerec.hw.base import HardwareError
 
+_FORMATS = {
+    "S16_LE": alsaaudio.PCM_FORMAT_S16_LE,
+    "A_LAW": alsaaudio.PCM_FORMAT_A_LAW,
+    "MU_LAW": alsaaudio.PCM_FORMAT_MU_LAW,
+}
+
 
 def _open(
-    pcm_type: int, device: str, *, rate: int, channels: int, audio: AudioConfig, key: str
+    pcm_type: int, device: str, *, rate: int, channels: int, audio: AudioConfig, key: str,
+    sample_format: str = "S16_LE",
 ) -> alsaaudio.PCM:
     try:
         pcm = alsaaudio.PCM(
@@ -20,7 +28,7 @@ def _open(
             alsaaudio.PCM_NORMAL,
             rate=rate,
             channels=channels,
-            format=alsaaudio.PCM_FORMAT_S16_LE,
+            format=_FORMATS[sample_format],
             periodsize=audio.period_frames,
             periods=audio.periods,
             device=device,
@@ -29,11 +37,11 @@ def _open(
         raise HardwareError(f"ALSA device {device!r} ({key}) cannot be opened: {exc}") from exc
     info = pcm.info()
     granted = (info["rate"], info["channels"], info["format_name"])
-    if granted != (rate, channels, "S16_LE"):
+    if granted != (rate, channels, sample_format):
         pcm.close()
         raise HardwareError(
             f"ALSA device {device!r} ({key}) gave {granted[0]} Hz, {granted[1]} channel(s), "
-            f"{granted[2]}; it must do {rate} Hz, {channels} channel(s), S16_LE "
+            f"{granted[2]}; it must do {rate} Hz, {channels} channel(s), {sample_format} "
             "(use a plughw: device to convert)"
         )
     return pcm
@@ -52,7 +60,11 @@ class AlsaCapture:
             channels=capture.channels,
             audio=audio,
             key=f"capture {capture.name!r}",
+            sample_format=capture.format,
         )
+        # G.711 bytes become linear samples by table lookup, in the capture thread: the
+        # rings and everything after them only ever see int16.
+        self._law = None if capture.format == "S16_LE" else capture.format
         info = self._pcm.info()
         self.period_frames = int(info["period_size"])
         self.buffer_frames = int(info["buffer_size"])
@@ -69,6 +81,9 @@ class AlsaCapture:
             return None
         if frames <= 0:
             return None
+        if self._law is not None:
+            codes = np.frombuffer(data, dtype=np.uint8).reshape(frames, self.channels)
+            return g711.decode(codes, self._law)
         return np.frombuffer(data, dtype="<i2").reshape(frames, self.channels)
 
     def close(self) -> None:

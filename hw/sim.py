@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from linerec.audio import g711
 from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig
 from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
 from linerec.hw.base import HardwareError, output_latency
@@ -299,7 +300,10 @@ class _LineFeeder(threading.Thread):
                 samples = np.clip(np.round(mixed), -32768, 32767).astype(np.int16)
                 block[:, line.channel] = samples
                 self.line_audio[start : start + period, index] = samples
-            os.write(fd, block.astype("<i2").tobytes())
+            if self.capture.format == "S16_LE":
+                os.write(fd, block.astype("<i2").tobytes())
+            else:
+                os.write(fd, g711.encode(block, self.capture.format).tobytes())
             self.written = start + period
 
     def _wait_for_engine(self, position: int) -> bool:
