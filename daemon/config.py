@@ -61,6 +61,12 @@ class AudioConfig:
     fsync_interval_s: float = field(default=1.0, metadata=_range(0.02, 60.0))
     """Longest stretch of recorded audio between two fdatasync calls: what a power cut
     can lose on top of the page being filled (seconds)."""
+    capture_priority: int = field(default=0, metadata=_range(0, 99))
+    """SCHED_FIFO priority of the capture threads; 0 keeps normal scheduling. Needs
+    LimitRTPRIO (the unit allows 20); without the right it is a logged warning."""
+    lock_memory: bool = False
+    """mlockall() at start-up, so capture never waits for a page from the SD card. Needs
+    LimitMEMLOCK; without the right it is a logged warning."""
     line_delay_ms: int = field(default=20, metadata=_range(0, 500))
     """Delay of the HAT's codec, transformer and line beyond the ALSA buffers: added to
     the time a disclosure needs to be heard before recording may start (milliseconds)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 from linerec.audio.ring import SampleRing
@@ -18,9 +19,14 @@ class CaptureThread(threading.Thread):
     ring. Nothing else happens here: no logging, no disk, no MQTT, no lock shared with slow
     code. The doorbell is an Event whose lock is only ever held for an instant."""
 
-    def __init__(self, name: str, stream: CaptureStream, taps: dict[int, SampleRing]) -> None:
+    def __init__(self, name: str, stream: CaptureStream, taps: dict[int, SampleRing],
+                 priority: int = 0) -> None:
         super().__init__(name=f"capture-{name}", daemon=True)
         self.stream = stream
+        self.priority = priority
+        self.started = threading.Event()
+        """Set once the thread runs with its scheduling settled."""
+        self.priority_error: str | None = None
         self._taps = list(taps.items())
         self.frames_captured = 0
         """Frames copied into every ring; the device's sample clock."""
@@ -29,6 +35,13 @@ class CaptureThread(threading.Thread):
         self._stopping = False
 
     def run(self) -> None:
+        if self.priority:
+            try:
+                # Inside the thread, this changes only this thread.
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(self.priority))
+            except OSError as exc:
+                self.priority_error = str(exc)
+        self.started.set()
         while not self._stopping:
             try:
                 frames = self.stream.read_period()

@@ -3,7 +3,11 @@ in reverse."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +30,17 @@ TimeoutStopSec, so systemd never has to kill a recorder that is closing its file
 RING_SECONDS = 4
 """Each line's ring holds at least this much audio: the engine may fall this far behind
 (and the encoder's on-hook lag, at most 2 s, lives inside it)."""
+
+
+def lock_memory() -> bool:
+    """mlockall(MCL_CURRENT | MCL_FUTURE); a warning, not a failure, without the right."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.mlockall(1 | 2) != 0:
+        error = ctypes.get_errno()
+        logger.warning("memory stays pageable: mlockall was refused (%s); allow it with "
+                       "LimitMEMLOCK=", os.strerror(error))
+        return False
+    return True
 
 
 class StorageError(RuntimeError):
@@ -106,15 +121,27 @@ class Recorder:
                     device_id=self.config.device_id,
                     events=self.events,
                 ))
-            capture = CaptureThread(capture_config.name, stream, rings)
+            capture = CaptureThread(capture_config.name, stream, rings,
+                                    priority=audio.capture_priority)
             engine = TapEngine(capture_config.name, capture, lines, clock=self.hat.clock,
                                period=stream.period_frames, events=self.events,
                                until=self.until)
             self.engines.append(engine)
             self.lines.extend(lines)
+        if audio.lock_memory:
+            lock_memory()
         for engine in self.engines:
             engine.capture.start()
             engine.start()
+        for engine in self.engines:
+            engine.capture.started.wait(STOP_TIMEOUT_S)
+            if engine.capture.priority_error:
+                logger.warning("capture thread %s keeps normal scheduling: SCHED_FIFO "
+                               "priority %d was refused (%s); allow it with LimitRTPRIO=",
+                               engine.capture.name, audio.capture_priority,
+                               engine.capture.priority_error)
+        # What start-up allocated stays put: the collector need not walk it again.
+        gc.freeze()
         logger.info("armed %d line(s): %s", len(self.lines),
                     ", ".join(line.name for line in self.lines))
 

@@ -138,3 +138,39 @@ def test_unwritable_storage_is_refused_before_any_call(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "storage folder /dev/null/recordings is not writable" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def realtime_config(tmp_path: Path) -> Path:
+    config = sim_config(tmp_path)
+    config.write_text(config.read_text() + "\n[audio]\ncapture_priority = 10\nlock_memory = true\n")
+    return config
+
+
+DEMO = REPO / "hw" / "scenarios" / "demo.toml"
+
+
+def test_real_time_capture_and_locked_memory_where_allowed(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to be granted SCHED_FIFO and mlockall")
+    result = subprocess.run([sys.executable, "-m", "linerec.daemon.cli", "simulate",
+                             "--scenario", str(DEMO), "--config", str(realtime_config(tmp_path))],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "refused" not in result.stderr
+    assert '"event": "recording_stopped"' in result.stdout
+
+
+def test_without_the_rights_real_time_settings_are_warnings(tmp_path: Path) -> None:
+    """As the service user without LimitRTPRIO/LimitMEMLOCK: warnings, and it records."""
+    setpriv, prlimit = shutil.which("setpriv"), shutil.which("prlimit")
+    assert setpriv and prlimit, "util-linux provides setpriv and prlimit"
+    drop = [setpriv, "--bounding-set=-sys_nice,-ipc_lock", "--inh-caps=-sys_nice,-ipc_lock",
+            prlimit, "--rtprio=0", "--memlock=65536"] if os.geteuid() == 0 else [
+            prlimit, "--rtprio=0", "--memlock=65536"]
+    result = subprocess.run([*drop, sys.executable, "-m", "linerec.daemon.cli", "simulate",
+                             "--scenario", str(DEMO), "--config", str(realtime_config(tmp_path))],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "mlockall was refused" in result.stderr
+    assert "SCHED_FIFO priority 10 was refused" in result.stderr
+    assert '"event": "recording_stopped"' in result.stdout
