@@ -48,6 +48,19 @@ class SampleRing:
             self._buf[: n - first] = samples[first:]
         self.written += n
 
+    def write_silence(self, n: int) -> None:
+        """Append ``n`` zero samples (where an overrun lost audio); never allocates."""
+        self._writing = self.written + n
+        remaining = n
+        position = self.written
+        while remaining > 0:
+            start = position & self._mask
+            chunk = min(remaining, len(self._buf) - start)
+            self._buf[start : start + chunk] = 0
+            position += chunk
+            remaining -= chunk
+        self.written += n
+
     def read(self, start: int, count: int) -> np.ndarray:
         """Copy ``count`` samples from position ``start``; called by the consumer only.
 

@@ -30,6 +30,8 @@ class CaptureThread(threading.Thread):
         self._taps = list(taps.items())
         self.frames_captured = 0
         """Frames copied into every ring; the device's sample clock."""
+        self.overrun_marks: list[tuple[int, int]] = []
+        """(position, lost frames) of each overrun, for the receipts of calls it touched."""
         self.doorbell = threading.Event()
         self.failure: HardwareError | None = None
         self._stopping = False
@@ -49,8 +51,13 @@ class CaptureThread(threading.Thread):
                 self.failure = exc
                 self.doorbell.set()
                 return
-            if frames is None:
-                continue
+            lost = self.stream.take_lost()
+            if lost:
+                # Silence where the overrun lost audio, so what follows keeps its time.
+                self.overrun_marks.append((self.frames_captured, lost))
+                for _, ring in self._taps:
+                    ring.write_silence(lost)
+                self.frames_captured += lost
             for channel, ring in self._taps:
                 ring.write(frames[:, channel])
             self.frames_captured += len(frames)
@@ -89,6 +96,7 @@ class TapEngine(threading.Thread):
         self._events = events
         self._until = until
         self._stopping = threading.Event()
+        self._marks_seen = 0
 
     def run(self) -> None:
         try:
@@ -117,7 +125,16 @@ class TapEngine(threading.Thread):
 
     def _tick(self) -> None:
         start = self.position
-        self._clock.advance(self.capture_name, start + self._period)
+        end = start + self._period
+        self._clock.advance(self.capture_name, end)
+        marks = self.capture.overrun_marks
+        while self._marks_seen < len(marks) and marks[self._marks_seen][0] < end:
+            position, lost = marks[self._marks_seen]
+            self._marks_seen += 1
+            logger.warning("overrun on capture %s at sample %d: %d frames lost, silence "
+                           "in their place", self.capture_name, position, lost)
+            for line in self.lines:
+                line.note_overrun(position, lost)
         for line in self.lines:
             try:
                 line.tick(start, self._period)

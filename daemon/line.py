@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -131,6 +131,8 @@ class Call:
     recording_next_sample: int = 0
     recording_summary: dict[str, Any] | None = None
     lost_samples: int = 0
+    overruns: list[dict[str, int]] = field(default_factory=list)
+    """Capture overruns during the recording: where, and how many samples became silence."""
 
     def heard_by(self, end: int) -> bool:
         """Has the whole disclosure left the line before capture position ``end``?"""
@@ -219,6 +221,11 @@ class Line:
         self._play(start, frames)
         if self.state is LineState.RECORDING:
             self._record_until(end)
+
+    def note_overrun(self, position: int, lost: int) -> None:
+        """The capture device lost ``lost`` samples at ``position`` (now silence)."""
+        if self.call is not None and self.call.recording is not None:
+            self.call.overruns.append({"sample": position, "lost_samples": lost})
 
     def shutdown(self, position: int) -> None:
         """The service stops: close an open recording with what was captured."""
@@ -415,6 +422,7 @@ class Line:
             "sample_rate": self._rate,
             "bitrate": self._audio.bitrate,
             "lost_samples": call.lost_samples,
+            "capture_overruns": call.overruns,
         }
         self._emit(EventKind.RECORDING_STOPPED, first + recording.samples,
                    file=str(recording.path), duration_s=duration, bytes=size)

@@ -147,7 +147,10 @@ class Recorder:
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
-        return ", ".join(f"{line.name}: {line.state}" for line in self.lines)
+        text = ", ".join(f"{line.name}: {line.state}" for line in self.lines)
+        overruns = [f"{e.capture_name} {e.capture.stream.overruns}" for e in self.engines
+                    if e.capture.stream.overruns]
+        return f"{text}; overruns: {', '.join(overruns)}" if overruns else text
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every engine has ended (the simulator's end, or a device failure)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import time
 
 import alsaaudio
 import numpy as np
@@ -68,19 +69,42 @@ class AlsaCapture:
         info = self._pcm.info()
         self.period_frames = int(info["period_size"])
         self.buffer_frames = int(info["buffer_size"])
+        self.rate = audio.rate
         self.overruns = 0
+        self._lost = 0
+        self._last_read_at = 0.0
 
-    def read_period(self) -> np.ndarray | None:
-        try:
-            frames, data = self._pcm.read()
-        except alsaaudio.ALSAAudioError as exc:
-            raise HardwareError(f"capture from {self.name!r} failed: {exc}") from exc
-        if frames == -errno.EPIPE:
-            # pyalsaaudio has already re-prepared the stream.
-            self.overruns += 1
-            return None
-        if frames <= 0:
-            return None
+    def read_period(self) -> np.ndarray:
+        overrun_since: float | None = None
+        while True:
+            try:
+                frames, data = self._pcm.read()
+            except alsaaudio.ALSAAudioError as exc:
+                raise HardwareError(f"capture from {self.name!r} failed: {exc}") from exc
+            if frames == -errno.EPIPE:
+                # pyalsaaudio has already re-prepared the stream; read on.
+                self.overruns += 1
+                if overrun_since is None:
+                    overrun_since = self._last_read_at
+                continue
+            if frames >= 0:
+                break
+        now = time.monotonic()
+        if overrun_since is not None:
+            self._lost += self._measure_lost(overrun_since, now, frames)
+        self._last_read_at = now
+        return self._decode(frames, data)
+
+    def _measure_lost(self, last_read_at: float, now: float, frames: int) -> int:
+        """What an overrun lost: the time from the last good period to the end of this
+        one, less this period. The stream stopped in between, so only the clock knows."""
+        return max(0, round((now - last_read_at) * self.rate) - frames)
+
+    def take_lost(self) -> int:
+        lost, self._lost = self._lost, 0
+        return lost
+
+    def _decode(self, frames: int, data: bytes) -> np.ndarray:
         if self._law is not None:
             codes = np.frombuffer(data, dtype=np.uint8).reshape(frames, self.channels)
             return g711.decode(codes, self._law)

@@ -38,9 +38,13 @@ class CaptureStream(Protocol):
     overruns: int
     """Overruns (-EPIPE) seen so far; the stream has already recovered from each."""
 
-    def read_period(self) -> np.ndarray | None:
+    def read_period(self) -> np.ndarray:
         """Block until one period is captured; returns int16 frames shaped
-        (period_frames, channels), or None when an overrun lost samples."""
+        (period_frames, channels). After an overrun it recovers and reads on."""
+
+    def take_lost(self) -> int:
+        """Frames an overrun lost just before the period read last (0 without one): the
+        capture thread puts silence in their place, so later audio keeps its time."""
 
     def close(self) -> None: ...
 

@@ -24,6 +24,7 @@ STEP_KEYS: dict[str, dict[str, bool]] = {
     "offhook": {},
     "onhook": {},
     "audio": {"file": True, "gain_db": False},
+    "overrun": {"frames": True},
 }
 LATER_STEPS = ("answer", "dtmf", "tone", "callerid")
 """Documented step kinds that this version of the simulator does not play yet."""
@@ -157,6 +158,10 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
             until = params["until"]
             if isinstance(until, bool) or not isinstance(until, int | float) or until <= at:
                 raise fail(f"{where}.until", "expected seconds from the start, after 'at'")
+        if "frames" in params and (isinstance(params["frames"], bool)
+                                   or not isinstance(params["frames"], int)
+                                   or not 0 < params["frames"] <= 10 * 48000):
+            raise fail(f"{where}.frames", "expected a whole number of frames lost, 1 to 480000")
         if "gain_db" in params and (isinstance(params["gain_db"], bool)
                                     or not isinstance(params["gain_db"], int | float)):
             raise fail(f"{where}.gain_db", "expected a number of decibels")

@@ -117,10 +117,22 @@ class SimulatedHat:
     # ---- the Hat interface --------------------------------------------------------
 
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
-        stream = AlsaCapture(
-            dataclasses.replace(capture, device=capture_pcm_name(capture.name)), audio)
+        stream = SimulatedCapture(
+            dataclasses.replace(capture, device=capture_pcm_name(capture.name)), audio,
+            overruns=self.overruns_on(capture.name))
         self._captures[capture.name] = stream
         return stream
+
+    def overruns_on(self, capture: str) -> dict[int, int]:
+        """Injected overruns of a capture device: position -> frames lost, both in whole
+        periods (a scenario's ``overrun`` steps)."""
+        period = self.period
+        gaps = {}
+        for step in self.scenario.steps:
+            if step.do == "overrun" and self._line_of[step.line].capture == capture:
+                at = round(step.at * self.rate) // period * period
+                gaps[at] = -(-int(step.params["frames"]) // period) * period
+        return gaps
 
     def open_line_output(self, line: LineConfig, audio: AudioConfig) -> AlsaLineOutput:
         output = AlsaLineOutput(dataclasses.replace(line, playback=output_pcm_name(line.name)),
@@ -236,6 +248,28 @@ class SimulatedHat:
         return path
 
 
+class SimulatedCapture(AlsaCapture):
+    """The real ALSA capture adapter, with the simulated HAT's overruns injected: at each
+    gap the line skipped, it reports the overrun and the frames lost, as the adapter does
+    on a real device after -EPIPE (where it measures the loss by the clock)."""
+
+    def __init__(self, capture: CaptureConfig, audio: AudioConfig,
+                 overruns: dict[int, int]) -> None:
+        super().__init__(capture, audio)
+        self._gaps = dict(overruns)
+        self._position = 0
+
+    def read_period(self) -> np.ndarray:
+        lost = self._gaps.pop(self._position, 0)
+        if lost:
+            self.overruns += 1
+            self._lost += lost
+            self._position += lost
+        frames = super().read_period()
+        self._position += len(frames)
+        return frames
+
+
 class _LineFeeder(threading.Thread):
     """The telephone lines of one capture device: writes what they carry, period by period,
     with the echo of what the daemon plays into them."""
@@ -280,9 +314,17 @@ class _LineFeeder(threading.Thread):
             for name, buffer in buffers.items()
         }
         started = time.monotonic()
-        for start in range(0, hat.total, period):
+        gaps = hat.overruns_on(self.capture.name)
+        start = 0
+        delivered = 0
+        """End of the last period written: the daemon can have ticked up to here."""
+        while start < hat.total:
             if self._stopping:
                 return
+            if start in gaps:
+                # An injected overrun: these frames never reach the daemon.
+                start += gaps.pop(start)
+                continue
             if hat.realtime:
                 lag = started + start / hat.rate - time.monotonic()
                 if lag > 0:
@@ -291,11 +333,14 @@ class _LineFeeder(threading.Thread):
             # Lock-step: the engine has begun the previous tick, and what it played then has
             # come out (alsa-lib hands it on one output buffer later), before this period
             # goes in. So the capture never runs more than a period ahead of the engine.
-            if start and not self._wait_for_engine(start):
+            # After an injected overrun the daemon can only tick through the gap once this
+            # period is in, so the wait is for what was delivered, not for ``start``.
+            if delivered and not self._wait_for_engine(delivered):
                 return
             for index, line in enumerate(self.lines):
-                self._read_played(line.name, start - buffers[line.name])
-                echo = self._echo(line.name, start - delays[line.name], period)
+                played = delivered - buffers[line.name]
+                self._read_played(line.name, played)
+                echo = self._echo(line.name, start - delays[line.name], period, played)
                 mixed = hat._far_end[line.name][start : start + period] + echo
                 samples = np.clip(np.round(mixed), -32768, 32767).astype(np.int16)
                 block[:, line.channel] = samples
@@ -305,6 +350,8 @@ class _LineFeeder(threading.Thread):
             else:
                 os.write(fd, g711.encode(block, self.capture.format).tobytes())
             self.written = start + period
+            start += period
+            delivered = start
 
     def _wait_for_engine(self, position: int) -> bool:
         waited = 0.0
@@ -317,14 +364,16 @@ class _LineFeeder(threading.Thread):
                                     f"nothing for {STALL_TIMEOUT_S} s (at sample {position})")
         return True
 
-    def _echo(self, line: str, first: int, count: int) -> np.ndarray:
-        """Played samples [first, first + count) as heard on the line (zero before 0)."""
+    def _echo(self, line: str, first: int, count: int, available: int) -> np.ndarray:
+        """Played samples [first, first + count) as heard on the line: zero before 0, and
+        past ``available`` (only right after an injected overrun, when the daemon has not
+        yet played through the gap)."""
         out = np.zeros(count, dtype=np.float64)
-        if first + count <= 0 or line in self.hat.broken_outputs:
+        lo, hi = max(first, 0), min(first + count, available)
+        if hi <= lo or line in self.hat.broken_outputs:
             return out
-        self._read_played(line, first + count)
-        lo = max(first, 0)
-        out[lo - first :] = self._played[line][lo : first + count]
+        self._read_played(line, hi)
+        out[lo - first : hi - first] = self._played[line][lo:hi]
         return out
 
     def played(self, line: str) -> np.ndarray:

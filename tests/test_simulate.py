@@ -277,3 +277,37 @@ def test_overlapping_calls_each_hold_only_their_own_line(tmp_path: Path) -> None
 
     assert correlation("line1", "line1") > 0.8 and correlation("line2", "line2") > 0.8
     assert abs(correlation("line1", "line2")) < 0.1 and abs(correlation("line2", "line1")) < 0.1
+
+
+def test_an_overrun_is_counted_and_does_not_shift_the_audio_after_it(
+        tmp_path: Path, caller_speech: Path) -> None:
+    overrun_at, lost = 12.0, 800
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(10.0, "audio", file=str(caller_speech))
+                              + step(overrun_at, "overrun", frames=lost)
+                              + step(19.0, "onhook"), duration=20.0)
+    result = linerec("simulate", "--scenario", str(scenario), "--config",
+                     str(sim_config(tmp_path)), "--workdir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    assert f"overrun on capture tap at sample {round(overrun_at * RATE)}" in result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events] == RECORDED_CALL
+    first = events[2]["sample"]
+    decoded = decode(Path(events[4]["file"]), tmp_path)
+    assert len(decoded) == 19 * RATE - first
+
+    (receipt,) = receipts(tmp_path)
+    gap = round(overrun_at * RATE)
+    assert receipt["recording"]["capture_overruns"] == [{"sample": gap, "lost_samples": lost}]
+
+    line_audio = read_wav(tmp_path / "work" / "line1.line.wav")
+    assert not line_audio[gap : gap + lost].any()  # the line lost these frames
+    # Silence where the audio was lost (the codec rings a few ms into it)...
+    assert np.sqrt(np.mean(decoded[gap - first + 80 : gap - first + lost] ** 2)) < 100
+    # ...and what follows is exactly where it was on the line: no shift.
+    after = decoded[gap - first + lost :]
+    expected = line_audio[gap + lost : gap + lost + len(after)]
+    shifts = range(-40, 41)
+    scores = [float(np.dot(after[40:-40], expected[40 + s : len(expected) - 40 + s]))
+              for s in shifts]
+    assert shifts[int(np.argmax(scores))] == 0
