@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libasound2-dev \
 	libopus0 libsystemd-dev systemd mosquitto opus-tools espeak-ng sox
 
-.PHONY: all setup system-packages demo test lint typecheck clean
+.PHONY: all setup system-packages demo test bench lint typecheck clean
 
 all: test
 
@@ -30,6 +30,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# Figures for docs/BENCHMARKS.md and bench/results.json; takes a few minutes.
+bench: setup
+	$(BIN)/python bench/run.py
+
 lint: setup typecheck
 	$(BIN)/ruff check .
 
@@ -39,6 +43,7 @@ typecheck: setup
 	@mkdir -p build/typecheck/linerec
 	@for p in daemon hw audio; do ln -sfn ../../../$$p build/typecheck/linerec/$$p; done
 	MYPYPATH=build/typecheck $(BIN)/mypy -p linerec.daemon -p linerec.hw -p linerec.audio
+	MYPYPATH=build/typecheck $(BIN)/mypy bench/run.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info linerec-sim .pytest_cache .mypy_cache .ruff_cache

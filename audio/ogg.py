@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,26 +20,18 @@ HEADER_EOS = 0x04
 HEADER_CONTINUED = 0x01
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
-        table.append(r & 0xFFFFFFFF)
-    return table
-
-
-_CRC_TABLE = _crc_table()
+_REVERSED_BITS = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 def ogg_crc(data: bytes) -> int:
-    """CRC-32 of an Ogg page: polynomial 0x04C11DB7, init 0, not reflected, no final xor."""
-    crc = 0
-    table = _CRC_TABLE
-    for byte in data:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[((crc >> 24) ^ byte) & 0xFF]
-    return crc
+    """CRC-32 of an Ogg page: polynomial 0x04C11DB7, init 0, not reflected, no final xor.
+
+    zlib computes the reflected form of the same polynomial in C. Fed the bytes with their
+    bits reversed, started so that its register starts at 0 and not inverted at the end,
+    it gives the Ogg CRC with its 32 bits reversed.
+    """
+    reflected = ~zlib.crc32(data.translate(_REVERSED_BITS), 0xFFFFFFFF) & 0xFFFFFFFF
+    return int(f"{reflected:032b}"[::-1], 2)
 
 
 def lacing(packet_len: int) -> list[int]:
@@ -154,7 +147,7 @@ class OggOpusWriter:
         A full page is written before the packet that does not fit, so the last packet of
         the stream is always still pending when finish() writes the EOS page.
         """
-        needed = len(lacing(len(packet)))
+        needed = len(packet) // 255 + 1  # its lacing values
         if self._pending and (
             len(self._pending) >= self._packets_per_page
             or self._pending_lacing + needed > MAX_LACING

@@ -10,6 +10,8 @@ FRAMES_PER_SECOND = 50
 
 _BANDWIDTH_FOR_RATE = {8000: opuslib.BANDWIDTH_NARROWBAND, 16000: opuslib.BANDWIDTH_WIDEBAND}
 _SIGNAL_VOICE = 3001  # OPUS_SIGNAL_VOICE
+_PCM = np.dtype("<i2")
+"""libopus takes native 16-bit samples; every Pi and PC linerec runs on is little-endian."""
 
 
 class VoiceEncoder:
@@ -36,4 +38,5 @@ class VoiceEncoder:
         """Encode exactly one 20 ms frame (opuslib does not check the length itself)."""
         if len(frame) != self.frame_samples:
             raise ValueError(f"an Opus frame is {self.frame_samples} samples, got {len(frame)}")
-        return bytes(self._encoder.encode(frame.astype("<i2").tobytes(), self.frame_samples))
+        pcm = frame.tobytes() if frame.dtype == _PCM else frame.astype(_PCM).tobytes()
+        return bytes(self._encoder.encode(pcm, self.frame_samples))

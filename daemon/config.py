@@ -50,15 +50,16 @@ class AudioConfig:
     """Sample rate of every capture and playback device (hertz)."""
     period_frames: int = field(default=160, metadata=_range(32, 4096))
     """ALSA period size (frames): the engine's tick; 160 frames is 20 ms at 8 kHz."""
-    periods: int = field(default=4, metadata=_range(2, 64))
-    """ALSA periods per buffer."""
+    periods: int = field(default=8, metadata=_range(2, 64))
+    """ALSA periods per buffer: 8 x 20 ms, so that the capture thread may stall for 100 ms
+    (the engine holding the GIL, say) without an overrun."""
     bitrate: int = field(default=12000, metadata=_range(6000, 64000))
     """Opus bitrate (bits per second)."""
     complexity: int = field(default=9, metadata=_range(0, 10))
     """Opus encoder complexity (0 fastest, 10 best)."""
-    page_interval_s: float = field(default=1.0, metadata=_range(0.02, 10.0))
+    page_interval_s: float = field(default=0.8, metadata=_range(0.02, 10.0))
     """Longest time between two Ogg pages written to disk (seconds)."""
-    fsync_interval_s: float = field(default=1.0, metadata=_range(0.02, 60.0))
+    fsync_interval_s: float = field(default=0.8, metadata=_range(0.02, 60.0))
     """Longest stretch of recorded audio between two fdatasync calls: what a power cut
     can lose on top of the page being filled (seconds)."""
     capture_priority: int = field(default=0, metadata=_range(0, 99))

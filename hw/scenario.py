@@ -57,6 +57,8 @@ class Scenario:
     path: Path
     duration: float
     steps: tuple[Step, ...]
+    _decoded: dict[tuple[Path, int], np.ndarray] = field(default_factory=dict, compare=False,
+                                                         repr=False)
 
     def total_samples(self, rate: int, period: int) -> int:
         """The scenario's length in samples, rounded up to whole capture periods."""
@@ -82,22 +84,27 @@ class Scenario:
                                               step.line, "ring", False))
         return sorted(changes, key=lambda c: c.sample)
 
-    def far_end_audio(self, line: str, rate: int, total: int) -> np.ndarray:
-        """What the far end and the room put on the line, before the line output's echo."""
-        out = np.zeros(total, dtype=np.float64)
+    def far_end_sources(self, line: str, rate: int) -> list[tuple[int, np.ndarray]]:
+        """What the far end puts on the line: (start sample, float32 samples) per audio
+        step, every file decoded now, so that a bad one is reported before anything starts.
+        A file used by several steps is decoded once."""
+        sources = []
         for step in self.steps:
             if step.line != line or step.do != "audio":
                 continue
-            source = self.path.parent / step.params["file"]
-            try:
-                samples = load_line_audio(source, rate).astype(np.float64)
-            except AudioFileError as exc:
-                raise ScenarioError(f"{self.path}: step[{step.index}].file: {exc}") from exc
-            samples *= 10 ** (float(step.params.get("gain_db", 0.0)) / 20)
-            at = round(step.at * rate)
-            n = max(0, min(len(samples), total - at))
-            out[at : at + n] += samples[:n]
-        return out
+            path = self.path.parent / step.params["file"]
+            samples = self._decoded.get((path, rate))
+            if samples is None:
+                try:
+                    samples = load_line_audio(path, rate).astype(np.float32)
+                except AudioFileError as exc:
+                    raise ScenarioError(f"{self.path}: step[{step.index}].file: {exc}") from exc
+                self._decoded[(path, rate)] = samples
+            gain = float(step.params.get("gain_db", 0.0))
+            if gain:
+                samples = samples * np.float32(10 ** (gain / 20))
+            sources.append((round(step.at * rate), samples))
+        return sources
 
 
 def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:

@@ -104,7 +104,7 @@ class SimulatedHat:
             capture = self._line_of[change.line].capture
             self._pending.setdefault(capture, []).append(change)
         self._gpio_lock = threading.Lock()
-        self._far_end = {line.name: scenario.far_end_audio(line.name, self.rate, self.total)
+        self._far_end = {line.name: scenario.far_end_sources(line.name, self.rate)
                          for line in config.line}
         self._feeders: list[_LineFeeder] = []
         self._capture_fds: dict[str, int] = {}
@@ -281,10 +281,16 @@ class _LineFeeder(threading.Thread):
         self.capture = capture
         self.lines = lines
         self.failure: BaseException | None = None
-        self._played = {line.name: np.zeros(hat.total, dtype=np.int16) for line in lines}
+        # What the daemon played, from sample _played_base on: everything when the files are
+        # kept, else only the last few seconds the echo needs (a long soak stays small).
+        self._played = {line.name: np.zeros(min(hat.total, 8 * hat.rate), dtype=np.int16)
+                        for line in lines}
+        self._played_base = {line.name: 0 for line in lines}
         self._played_frames = {line.name: 0 for line in lines}
+        self._keep_played = hat.keep_files
         self._carry = {line.name: b"" for line in lines}
-        self.line_audio = np.zeros((hat.total, len(lines)), dtype=np.int16)
+        self.line_audio = np.zeros((hat.total if hat.keep_files else 0, len(lines)),
+                                   dtype=np.int16)
         self.written = 0
         self._stopping = False
 
@@ -341,10 +347,15 @@ class _LineFeeder(threading.Thread):
                 played = delivered - buffers[line.name]
                 self._read_played(line.name, played)
                 echo = self._echo(line.name, start - delays[line.name], period, played)
-                mixed = hat._far_end[line.name][start : start + period] + echo
+                mixed = echo
+                for at, source in hat._far_end[line.name]:
+                    lo, hi = max(start, at), min(start + period, at + len(source))
+                    if lo < hi:
+                        mixed[lo - start : hi - start] += source[lo - at : hi - at]
                 samples = np.clip(np.round(mixed), -32768, 32767).astype(np.int16)
                 block[:, line.channel] = samples
-                self.line_audio[start : start + period, index] = samples
+                if hat.keep_files:
+                    self.line_audio[start : start + period, index] = samples
             if self.capture.format == "S16_LE":
                 os.write(fd, block.astype("<i2").tobytes())
             else:
@@ -373,11 +384,13 @@ class _LineFeeder(threading.Thread):
         if hi <= lo or line in self.hat.broken_outputs:
             return out
         self._read_played(line, hi)
-        out[lo - first : hi - first] = self._played[line][lo:hi]
+        base = self._played_base[line]
+        out[lo - first : hi - first] = self._played[line][lo - base : hi - base]
         return out
 
     def played(self, line: str) -> np.ndarray:
-        return self._played[line][: self._played_frames[line]]
+        """What the daemon played (all of it only when the hat keeps its files)."""
+        return self._played[line][: self._played_frames[line] - self._played_base[line]]
 
     def _read_played(self, line: str, frames: int) -> None:
         fd = self.hat._output_fds[line]
@@ -393,17 +406,25 @@ class _LineFeeder(threading.Thread):
                 raise HardwareError(
                     f"simulated line {line}: the daemon played nothing for {STALL_TIMEOUT_S} s "
                     f"(have {self._played_frames[line]} of {frames} frames)")
-            data = self._carry[line] + os.read(fd, 65536)
+            data = self._carry[line] + os.read(fd, 16384)
             whole = len(data) - len(data) % 2
             self._carry[line] = data[whole:]
             samples = np.frombuffer(data[:whole], dtype="<i2")
-            have = self._played_frames[line]
+            base = self._played_base[line]
+            have = self._played_frames[line] - base
             buf = self._played[line]
             if have + len(samples) > len(buf):
-                buf = np.concatenate([buf, np.zeros(max(len(buf), len(samples)), np.int16)])
+                if self._keep_played:
+                    buf = np.concatenate([buf, np.zeros(max(len(buf), len(samples)), np.int16)])
+                else:
+                    # Keep the newest half: far more than the echo delay looks back.
+                    drop = have - len(buf) // 2
+                    buf[: have - drop] = buf[drop:have]
+                    have -= drop
+                    self._played_base[line] = base + drop
                 self._played[line] = buf
             buf[have : have + len(samples)] = samples
-            self._played_frames[line] = have + len(samples)
+            self._played_frames[line] = self._played_base[line] + have + len(samples)
 
 
 def _file_pcm(name: str, output: Path | str, *, infile: Path | None = None) -> str:

@@ -19,7 +19,7 @@ from simhelpers import (
     write_scenario,
 )
 
-PAGE_INTERVAL_S = 1.0
+PAGE_INTERVAL_S = 0.8
 
 
 def test_sigkill_mid_recording_is_recovered_at_the_next_start(tmp_path: Path,
