@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 from linerec.audio.ring import SampleRing
 from linerec.daemon.events import EventBus, EventKind, make_event
@@ -20,9 +22,11 @@ class CaptureThread(threading.Thread):
     code. The doorbell is an Event whose lock is only ever held for an instant."""
 
     def __init__(self, name: str, stream: CaptureStream, taps: dict[int, SampleRing],
-                 priority: int = 0) -> None:
+                 priority: int = 0,
+                 reopen: Callable[[], CaptureStream] | None = None) -> None:
         super().__init__(name=f"capture-{name}", daemon=True)
         self.stream = stream
+        self._reopen = reopen
         self.priority = priority
         self.started = threading.Event()
         """Set once the thread runs with its scheduling settled."""
@@ -30,11 +34,16 @@ class CaptureThread(threading.Thread):
         self._taps = list(taps.items())
         self.frames_captured = 0
         """Frames copied into every ring; the device's sample clock."""
-        self.overrun_marks: list[tuple[int, int]] = []
-        """(position, lost frames) of each overrun, for the receipts of calls it touched."""
+        self.gaps: list[tuple[int, int, str]] = []
+        """(position, frames lost, cause) of each gap that silence fills: an ``overrun``, or
+        the ``device`` failing and being reopened. For the receipts of calls it touched."""
+        self.device_error: str | None = None
+        """Why the device is gone, while the thread tries to reopen it."""
+        self.reopened = 0
         self.doorbell = threading.Event()
         self.failure: HardwareError | None = None
         self._stopping = False
+        self._stop_event = threading.Event()
 
     def run(self) -> None:
         if self.priority:
@@ -48,23 +57,61 @@ class CaptureThread(threading.Thread):
             try:
                 frames = self.stream.read_period()
             except HardwareError as exc:
+                if self._recover(exc):
+                    continue
                 self.failure = exc
                 self.doorbell.set()
                 return
             lost = self.stream.take_lost()
             if lost:
-                # Silence where the overrun lost audio, so what follows keeps its time.
-                self.overrun_marks.append((self.frames_captured, lost))
+                # Silence where audio was lost, so that what follows keeps its time.
+                cause = "device" if self._just_reopened else "overrun"
+                self.gaps.append((self.frames_captured, lost, cause))
                 for _, ring in self._taps:
                     ring.write_silence(lost)
                 self.frames_captured += lost
+            self._just_reopened = False
             for channel, ring in self._taps:
                 ring.write(frames[:, channel])
             self.frames_captured += len(frames)
             self.doorbell.set()
 
+    _just_reopened = False
+
+    def _recover(self, error: HardwareError) -> bool:
+        """The device failed (unplugged, suspended, busy): close it and reopen it with a
+        growing delay until it comes back or the recorder stops. The gap is measured from
+        the last good period, by the new stream."""
+        if self._reopen is None:
+            return False
+        self.device_error = str(error)
+        self.doorbell.set()  # the engine reports it
+        last_read_at = self.stream.last_read_at
+        with contextlib.suppress(HardwareError):
+            self.stream.close()
+        delay = 0.1
+        while not self._stop_event.wait(delay):
+            try:
+                stream = self._reopen()
+            except HardwareError as again:
+                self.device_error = str(again)
+                delay = min(delay * 2, 5.0)
+                continue
+            stream.measure_gap_from(last_read_at)
+            self.stream = stream
+            self.device_error = None
+            self.reopened += 1
+            self._just_reopened = True
+            return True
+        return False
+
     def request_stop(self) -> None:
         self._stopping = True
+        self._stop_event.set()
+
+    def close(self) -> None:
+        """Close the device (whichever stream is current after reopens)."""
+        self.stream.close()
 
 
 class TapEngine(threading.Thread):
@@ -96,7 +143,8 @@ class TapEngine(threading.Thread):
         self._events = events
         self._until = until
         self._stopping = threading.Event()
-        self._marks_seen = 0
+        self._gaps_seen = 0
+        self._device_error: str | None = None
 
     def run(self) -> None:
         try:
@@ -115,6 +163,8 @@ class TapEngine(threading.Thread):
                 self._tick()
             if self._until is not None and self.position >= self._until:
                 return
+            if self.capture.device_error is not None:
+                self._watch_device(self.position)
             if self.capture.failure is not None:
                 self._events.emit(make_event(
                     EventKind.ERROR, line=None, call_id=None,
@@ -127,14 +177,15 @@ class TapEngine(threading.Thread):
         start = self.position
         end = start + self._period
         self._clock.advance(self.capture_name, end)
-        marks = self.capture.overrun_marks
-        while self._marks_seen < len(marks) and marks[self._marks_seen][0] < end:
-            position, lost = marks[self._marks_seen]
-            self._marks_seen += 1
-            logger.warning("overrun on capture %s at sample %d: %d frames lost, silence "
-                           "in their place", self.capture_name, position, lost)
+        self._watch_device(start)
+        gaps = self.capture.gaps
+        while self._gaps_seen < len(gaps) and gaps[self._gaps_seen][0] < end:
+            position, lost, cause = gaps[self._gaps_seen]
+            self._gaps_seen += 1
+            logger.warning("%s on capture %s at sample %d: %d frames lost, silence in their "
+                           "place", cause, self.capture_name, position, lost)
             for line in self.lines:
-                line.note_overrun(position, lost)
+                line.note_capture_gap(position, lost, cause)
         for line in self.lines:
             try:
                 line.tick(start, self._period)
@@ -142,6 +193,19 @@ class TapEngine(threading.Thread):
                 logger.exception("line %s failed at sample %d", line.name, start)
                 line.fault(start, exc)
         self.position = start + self._period
+
+    def _watch_device(self, position: int) -> None:
+        """Report a device that failed, once, and its return."""
+        error = self.capture.device_error
+        if error and error != self._device_error:
+            logger.error("capture device %s failed (%s); reopening it", self.capture_name, error)
+            self._events.emit(make_event(
+                EventKind.ERROR, line=None, call_id=None,
+                ts=self._clock.timestamp(self.capture_name, position),
+                message=f"capture device {self.capture_name} failed: {error}; reopening it"))
+        elif self._device_error and not error:
+            logger.warning("capture device %s is back", self.capture_name)
+        self._device_error = error
 
     def stop(self) -> None:
         self._stopping.set()

@@ -131,8 +131,9 @@ class Call:
     recording_next_sample: int = 0
     recording_summary: dict[str, Any] | None = None
     lost_samples: int = 0
-    overruns: list[dict[str, int]] = field(default_factory=list)
-    """Capture overruns during the recording: where, and how many samples became silence."""
+    capture_gaps: list[dict[str, Any]] = field(default_factory=list)
+    """Audio the capture lost during the recording (overrun, device gone): where, how many
+    samples became silence, and why."""
 
     def heard_by(self, end: int) -> bool:
         """Has the whole disclosure left the line before capture position ``end``?"""
@@ -222,10 +223,11 @@ class Line:
         if self.state is LineState.RECORDING:
             self._record_until(end)
 
-    def note_overrun(self, position: int, lost: int) -> None:
-        """The capture device lost ``lost`` samples at ``position`` (now silence)."""
+    def note_capture_gap(self, position: int, lost: int, cause: str) -> None:
+        """The capture lost ``lost`` samples at ``position`` (now silence)."""
         if self.call is not None and self.call.recording is not None:
-            self.call.overruns.append({"sample": position, "lost_samples": lost})
+            self.call.capture_gaps.append({"sample": position, "lost_samples": lost,
+                                           "cause": cause})
 
     def shutdown(self, position: int) -> None:
         """The service stops: close an open recording with what was captured."""
@@ -422,7 +424,7 @@ class Line:
             "sample_rate": self._rate,
             "bitrate": self._audio.bitrate,
             "lost_samples": call.lost_samples,
-            "capture_overruns": call.overruns,
+            "capture_gaps": call.capture_gaps,
         }
         self._emit(EventKind.RECORDING_STOPPED, first + recording.samples,
                    file=str(recording.path), duration_s=duration, bytes=size)

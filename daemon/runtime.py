@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from linerec.audio.ring import SampleRing
-from linerec.daemon.config import Config
+from linerec.daemon.config import CaptureConfig, Config
 from linerec.daemon.engine import CaptureThread, TapEngine
 from linerec.daemon.events import EventBus
 from linerec.daemon.line import Line
 from linerec.daemon.recovery import recover_interrupted
-from linerec.hw.base import Hat
+from linerec.hw.base import CaptureStream, Hat
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,11 @@ class Recorder:
                     device_id=self.config.device_id,
                     events=self.events,
                 ))
-            capture = CaptureThread(capture_config.name, stream, rings,
-                                    priority=audio.capture_priority)
+            capture = CaptureThread(
+                capture_config.name, stream, rings, priority=audio.capture_priority,
+                reopen=self._reopener(capture_config))
+            # After a reopen the thread holds a new stream: close whichever is current.
+            self._closers[self._closers.index((group, stream.close))] = (group, capture.close)
             engine = TapEngine(capture_config.name, capture, lines, clock=self.hat.clock,
                                period=stream.period_frames, events=self.events,
                                until=self.until)
@@ -144,6 +147,11 @@ class Recorder:
         gc.freeze()
         logger.info("armed %d line(s): %s", len(self.lines),
                     ", ".join(line.name for line in self.lines))
+
+    def _reopener(self, capture: CaptureConfig) -> Callable[[], CaptureStream]:
+        def reopen() -> CaptureStream:
+            return self.hat.open_capture(capture, self.config.audio)
+        return reopen
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import time
 
@@ -72,10 +73,18 @@ class AlsaCapture:
         self.rate = audio.rate
         self.overruns = 0
         self._lost = 0
-        self._last_read_at = 0.0
+        self._last_read_at = time.monotonic()
+        self._gap_since: float | None = None
+
+    @property
+    def last_read_at(self) -> float:
+        return self._last_read_at
+
+    def measure_gap_from(self, last_read_at: float) -> None:
+        self._gap_since = last_read_at
 
     def read_period(self) -> np.ndarray:
-        overrun_since: float | None = None
+        overrun_since, self._gap_since = self._gap_since, None
         while True:
             try:
                 frames, data = self._pcm.read()
@@ -111,7 +120,9 @@ class AlsaCapture:
         return np.frombuffer(data, dtype="<i2").reshape(frames, self.channels)
 
     def close(self) -> None:
-        self._pcm.close()
+        # A device that has gone away may fail to close as well; it is gone either way.
+        with contextlib.suppress(alsaaudio.ALSAAudioError):
+            self._pcm.close()
 
 
 class AlsaLineOutput:

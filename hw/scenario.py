@@ -25,6 +25,7 @@ STEP_KEYS: dict[str, dict[str, bool]] = {
     "onhook": {},
     "audio": {"file": True, "gain_db": False},
     "overrun": {"frames": True},
+    "unplug": {"seconds": True},
 }
 LATER_STEPS = ("answer", "dtmf", "tone", "callerid")
 """Documented step kinds that this version of the simulator does not play yet."""
@@ -169,6 +170,10 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
                                    or not isinstance(params["frames"], int)
                                    or not 0 < params["frames"] <= 10 * 48000):
             raise fail(f"{where}.frames", "expected a whole number of frames lost, 1 to 480000")
+        if "seconds" in params and (isinstance(params["seconds"], bool)
+                                    or not isinstance(params["seconds"], int | float)
+                                    or not 0 < params["seconds"] <= 60):
+            raise fail(f"{where}.seconds", "expected seconds the device stays away, up to 60")
         if "gain_db" in params and (isinstance(params["gain_db"], bool)
                                     or not isinstance(params["gain_db"], int | float)):
             raise fail(f"{where}.gain_db", "expected a number of decibels")

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 import wave
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -111,28 +112,38 @@ class SimulatedHat:
         self._output_fds: dict[str, int] = {}
         self._outputs: dict[str, AlsaLineOutput] = {}
         self._captures: dict[str, AlsaCapture] = {}
+        self._capture_faults: dict[str, _CaptureFaults] = {}
         self.broken_outputs: set[str] = set()
         self._write_asoundrc()
 
     # ---- the Hat interface --------------------------------------------------------
 
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
+        faults = self._capture_faults.setdefault(
+            capture.name, _CaptureFaults(self.faults_on(capture.name, "overrun"),
+                                         self.faults_on(capture.name, "unplug")))
         stream = SimulatedCapture(
             dataclasses.replace(capture, device=capture_pcm_name(capture.name)), audio,
-            overruns=self.overruns_on(capture.name))
+            faults)
         self._captures[capture.name] = stream
         return stream
 
-    def overruns_on(self, capture: str) -> dict[int, int]:
-        """Injected overruns of a capture device: position -> frames lost, both in whole
-        periods (a scenario's ``overrun`` steps)."""
+    def faults_on(self, capture: str, kind: str) -> dict[int, int]:
+        """Injected faults of a capture device (a scenario's ``overrun`` or ``unplug``
+        steps): position -> frames the line loses, both in whole periods."""
         period = self.period
-        gaps = {}
+        faults = {}
         for step in self.scenario.steps:
-            if step.do == "overrun" and self._line_of[step.line].capture == capture:
+            if step.do == kind and self._line_of[step.line].capture == capture:
                 at = round(step.at * self.rate) // period * period
-                gaps[at] = -(-int(step.params["frames"]) // period) * period
-        return gaps
+                frames = (int(step.params["frames"]) if kind == "overrun"
+                          else round(float(step.params["seconds"]) * self.rate))
+                faults[at] = -(-frames // period) * period
+        return faults
+
+    def gaps_on(self, capture: str) -> dict[int, int]:
+        """Where the simulated line's audio never reaches the daemon."""
+        return {**self.faults_on(capture, "overrun"), **self.faults_on(capture, "unplug")}
 
     def open_line_output(self, line: LineConfig, audio: AudioConfig) -> AlsaLineOutput:
         output = AlsaLineOutput(dataclasses.replace(line, playback=output_pcm_name(line.name)),
@@ -248,26 +259,47 @@ class SimulatedHat:
         return path
 
 
+@dataclass
+class _CaptureFaults:
+    """A capture device's injected faults and where it is, kept across reopens."""
+
+    overruns: dict[int, int]
+    unplugs: dict[int, int]
+    position: int = 0
+    lost_while_gone: int = 0
+
+
 class SimulatedCapture(AlsaCapture):
-    """The real ALSA capture adapter, with the simulated HAT's overruns injected: at each
-    gap the line skipped, it reports the overrun and the frames lost, as the adapter does
-    on a real device after -EPIPE (where it measures the loss by the clock)."""
+    """The real ALSA capture adapter with the simulated HAT's faults injected where the
+    line skipped audio: an overrun is reported with the frames it lost, as the adapter does
+    on a real device after -EPIPE; an unplugged device fails its read, and the stream that
+    reopens it reports the frames lost meanwhile. (On a real device both losses are
+    measured by the monotonic clock.)"""
 
     def __init__(self, capture: CaptureConfig, audio: AudioConfig,
-                 overruns: dict[int, int]) -> None:
+                 faults: _CaptureFaults) -> None:
         super().__init__(capture, audio)
-        self._gaps = dict(overruns)
-        self._position = 0
+        self._faults = faults
 
     def read_period(self) -> np.ndarray:
-        lost = self._gaps.pop(self._position, 0)
+        faults = self._faults
+        gone = faults.unplugs.pop(faults.position, 0)
+        if gone:
+            faults.position += gone
+            faults.lost_while_gone = gone
+            raise HardwareError(f"capture device {self.name!r} was unplugged (simulated)")
+        lost = faults.overruns.pop(faults.position, 0)
         if lost:
             self.overruns += 1
             self._lost += lost
-            self._position += lost
+            faults.position += lost
         frames = super().read_period()
-        self._position += len(frames)
+        faults.position += len(frames)
         return frames
+
+    def measure_gap_from(self, last_read_at: float) -> None:
+        self._lost += self._faults.lost_while_gone
+        self._faults.lost_while_gone = 0
 
 
 class _LineFeeder(threading.Thread):
@@ -320,7 +352,7 @@ class _LineFeeder(threading.Thread):
             for name, buffer in buffers.items()
         }
         started = time.monotonic()
-        gaps = hat.overruns_on(self.capture.name)
+        gaps = hat.gaps_on(self.capture.name)
         start = 0
         delivered = 0
         """End of the last period written: the daemon can have ticked up to here."""

@@ -298,13 +298,47 @@ def test_an_overrun_is_counted_and_does_not_shift_the_audio_after_it(
 
     (receipt,) = receipts(tmp_path)
     gap = round(overrun_at * RATE)
-    assert receipt["recording"]["capture_overruns"] == [{"sample": gap, "lost_samples": lost}]
+    assert receipt["recording"]["capture_gaps"] == [
+        {"sample": gap, "lost_samples": lost, "cause": "overrun"}]
 
     line_audio = read_wav(tmp_path / "work" / "line1.line.wav")
     assert not line_audio[gap : gap + lost].any()  # the line lost these frames
     # Silence where the audio was lost (the codec rings a few ms into it)...
     assert np.sqrt(np.mean(decoded[gap - first + 80 : gap - first + lost] ** 2)) < 100
     # ...and what follows is exactly where it was on the line: no shift.
+    after = decoded[gap - first + lost :]
+    expected = line_audio[gap + lost : gap + lost + len(after)]
+    shifts = range(-40, 41)
+    scores = [float(np.dot(after[40:-40], expected[40 + s : len(expected) - 40 + s]))
+              for s in shifts]
+    assert shifts[int(np.argmax(scores))] == 0
+
+
+def test_a_capture_device_that_goes_away_is_reopened_and_the_call_goes_on(
+        tmp_path: Path, caller_speech: Path) -> None:
+    gone_at, gone_for = 12.0, 1.5
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(10.0, "audio", file=str(caller_speech))
+                              + step(gone_at, "unplug", seconds=gone_for)
+                              + step(19.0, "onhook"), duration=20.0)
+    result = linerec("simulate", "--scenario", str(scenario), "--config",
+                     str(sim_config(tmp_path)), "--workdir", str(tmp_path / "work"))
+    assert result.returncode == 0, result.stderr
+    assert "capture device tap failed" in result.stderr and "tap is back" in result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["event"] for e in events if e["line"] == "line1"] == RECORDED_CALL
+    (error,) = [e for e in events if e["event"] == "error"]
+    assert error["line"] is None and "unplugged" in error["message"]
+    line1 = [e for e in events if e["line"] == "line1"]
+    first = line1[2]["sample"]
+    decoded = decode(Path(line1[4]["file"]), tmp_path)
+    assert len(decoded) == 19 * RATE - first
+
+    gap, lost = round(gone_at * RATE), round(gone_for * RATE)
+    (receipt,) = receipts(tmp_path)
+    assert receipt["recording"]["capture_gaps"] == [
+        {"sample": gap, "lost_samples": lost, "cause": "device"}]
+    line_audio = read_wav(tmp_path / "work" / "line1.line.wav")
     after = decoded[gap - first + lost :]
     expected = line_audio[gap + lost : gap + lost + len(after)]
     shifts = range(-40, 41)
