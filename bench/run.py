@@ -212,9 +212,11 @@ def eight_line_setup(work: Path, speech_file: Path, seconds: float) -> tuple[Pat
     lines = 8
     text = f'device_id = "bench"\nstorage = "{work / "mem-recordings"}"\n\n'
     text += '[[capture]]\nname = "tap"\ndevice = "bench"\nchannels = 8\n'
+    text += '[[playback]]\nname = "out"\ndevice = "bench"\nchannels = 8\n'
     for n in range(lines):
         text += (f'\n[[line]]\nname = "line{n + 1}"\ncapture = "tap"\nchannel = {n}\n'
-                 f'playback = "bench"\nhook_pin = {4 + n}\nring_pin = {12 + n}\n'
+                 f'playback = "out"\nplayback_channel = {n}\n'
+                 f'hook_pin = {4 + n}\nring_pin = {12 + n}\n'
                  f'led_pin = {20 + n}\ndisclosure = "{packaged_disclosure("en")}"\n')
     config = work / "eight.toml"
     config.write_text(text)
@@ -268,7 +270,8 @@ def kill_loss(work: Path, trials: int, seed: int = 7) -> dict[str, Any]:
         config = folder / "linerec.toml"
         config.write_text(
             f'storage = "{folder / "rec"}"\n[[capture]]\nname = "tap"\ndevice = "x"\n'
-            f'channels = 1\n[[line]]\nname = "line1"\ncapture = "tap"\nplayback = "x"\n'
+            f'channels = 1\n[[playback]]\nname = "out"\ndevice = "x"\n'
+            f'[[line]]\nname = "line1"\ncapture = "tap"\nplayback = "out"\n'
             f'hook_pin = 17\nring_pin = 27\nled_pin = 22\n'
             f'disclosure = "{packaged_disclosure("en")}"\n')
         scenario = folder / "call.toml"

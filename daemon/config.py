@@ -90,13 +90,23 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True)
+class PlaybackConfig:
+    name: str
+    """Name that lines use to refer to this playback device."""
+    device: str
+    """ALSA PCM name of the line outputs (for example plughw:CARD=tapHAT)."""
+    channels: int = field(default=1, metadata=_range(1, 32))
+    """Channels it is opened with; each line plays its disclosure into one of them."""
+
+
+@dataclass(frozen=True)
 class LineConfig:
     name: str
     """Name of the line in events, topics and file names."""
     capture: str
     """Name of the [[capture]] device this line is tapped on."""
     playback: str
-    """ALSA PCM name of the line output that plays the disclosure into the line."""
+    """Name of the [[playback]] device whose channel is this line's output."""
     hook_pin: int = field(metadata=_range(0, 53))
     """BCM GPIO of the off-hook sensor."""
     ring_pin: int = field(metadata=_range(0, 53))
@@ -107,6 +117,8 @@ class LineConfig:
     """WAV file announcing that the call is recorded and for what purpose."""
     channel: int = field(default=0, metadata=_range(0, 31))
     """Channel of the capture device that carries this line (0-based)."""
+    playback_channel: int = field(default=0, metadata=_range(0, 31))
+    """Channel of the playback device that plays into this line (0-based)."""
     hook_active_high: bool = True
     """True when the hook input reads high while the line is off-hook."""
     ring_active_high: bool = True
@@ -144,6 +156,8 @@ class Config:
     """Folder where recordings and receipts are written."""
     capture: tuple[CaptureConfig, ...]
     """The ALSA capture devices."""
+    playback: tuple[PlaybackConfig, ...]
+    """The ALSA playback devices (the line outputs)."""
     line: tuple[LineConfig, ...]
     """The telephone lines."""
     device_id: str = "linerec"
@@ -159,6 +173,12 @@ class Config:
 
     def lines_on(self, capture: CaptureConfig) -> tuple[LineConfig, ...]:
         return tuple(line for line in self.line if line.capture == capture.name)
+
+    def playback_by_name(self, name: str) -> PlaybackConfig:
+        return next(p for p in self.playback if p.name == name)
+
+    def lines_playing_on(self, playback: PlaybackConfig) -> tuple[LineConfig, ...]:
+        return tuple(line for line in self.line if line.playback == playback.name)
 
 
 def load_config(path: Path) -> Config:
@@ -278,9 +298,18 @@ def _check_references(config: Config) -> None:
         if cap.name in captures:
             fail(f"capture[{i}].name", f"{cap.name!r} is used twice; names must be unique")
         captures[cap.name] = cap
+    outputs: dict[str, PlaybackConfig] = {}
+    for i, out in enumerate(config.playback):
+        if not NAME_PATTERN.match(out.name):
+            fail(f"playback[{i}].name", "use 1-32 lower-case letters, digits, '-' or '_'")
+        if out.name in outputs:
+            fail(f"playback[{i}].name", f"{out.name!r} is used twice; names must be unique")
+        outputs[out.name] = out
     names: set[str] = set()
     pins: dict[int, str] = {}
     taps: dict[tuple[str, int], str] = {}
+    plays: dict[tuple[str, int], str] = {}
+    playback_tap: dict[str, str] = {}
     for i, line in enumerate(config.line):
         where = f"line[{i}]"
         if not NAME_PATTERN.match(line.name):
@@ -300,6 +329,25 @@ def _check_references(config: Config) -> None:
         if (tap.name, line.channel) in taps:
             fail(f"{where}.channel", f"already tapped by line {taps[(tap.name, line.channel)]!r}")
         taps[(tap.name, line.channel)] = line.name
+        player = outputs.get(line.playback)
+        if player is None:
+            fail(f"{where}.playback", f"no [[playback]] is named {line.playback!r}")
+            continue
+        if line.playback_channel >= player.channels:
+            fail(f"{where}.playback_channel",
+                 f"playback {player.name!r} has {player.channels} channel(s); use 0 to "
+                 f"{player.channels - 1}")
+        if (player.name, line.playback_channel) in plays:
+            fail(f"{where}.playback_channel",
+                 f"already plays into line {plays[(player.name, line.playback_channel)]!r}")
+        plays[(player.name, line.playback_channel)] = line.name
+        # One codec, one clock: the disclosure timing assumes the line output and the tap
+        # run on the same clock, and lines sharing an output share its timing.
+        if playback_tap.setdefault(player.name, tap.name) != tap.name:
+            fail(f"{where}.playback",
+                 f"playback {player.name!r} already serves lines on capture "
+                 f"{playback_tap[player.name]!r}; lines sharing a playback device must be on "
+                 "the same capture device")
         for pin_key in ("hook_pin", "ring_pin", "led_pin"):
             pin = getattr(line, pin_key)
             if pin in pins:

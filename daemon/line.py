@@ -34,15 +34,9 @@ from linerec.daemon import __version__
 from linerec.daemon.config import AudioConfig, LineConfig
 from linerec.daemon.events import EventBus, EventKind, iso_ms, make_event
 from linerec.daemon.paths import new_call_id, receipt_path, recording_path
+from linerec.daemon.playback import OutputChannel, WriteTicket
 from linerec.daemon.receipt import write_receipt
-from linerec.hw.base import (
-    BinaryInput,
-    Clock,
-    HardwareError,
-    Indicator,
-    LineOutput,
-    output_latency,
-)
+from linerec.hw.base import BinaryInput, Clock, HardwareError, Indicator, output_latency
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +116,9 @@ class Call:
     disclosure_first_sample: int | None = None
     """Playback position of the first disclosure sample."""
     disclosure_written: int = 0
+    disclosure_ticket: WriteTicket | None = None
+    disclosure_last_chunk_end: int = 0
+    underruns_at_start: int = 0
     disclosure_line_end: int | None = None
     disclosure_started_at: datetime | None = None
     disclosure_completed_at: datetime | None = None
@@ -155,7 +152,7 @@ class Line:
         hook: BinaryInput,
         ringer: BinaryInput,
         led: Indicator,
-        output: LineOutput,
+        output: OutputChannel,
         clock: Clock,
         storage: Path,
         device_id: str,
@@ -183,7 +180,6 @@ class Line:
         self._output_latency = output_latency(
             capture_period=capture_period, capture_buffer=capture_buffer,
             output_buffer=output.buffer_frames, line_delay=audio.line_delay_frames)
-        self._catch_up = 2 * capture_period
         self._ring_window = round(config.ring_window_s * self._rate)
         self._last_ring: int | None = None
         self._silence = np.zeros(0, dtype=np.int16)
@@ -212,7 +208,12 @@ class Line:
                     "the loop opened (on-hook or hook-flash) during the disclosure", end)
                 if edge and edge[0] is HookEdge.ONHOOK:
                     self._end_call(edge[1], "onhook")
-            elif self.call is not None and self.call.heard_by(end - self._hook.debounce):
+            elif self.call is not None and self._output.underruns != self.call.underruns_at_start:
+                # The output ran dry after the notice began: the far end heard a gap in it.
+                self._fail_disclosure("the line output ran dry (underrun) during the disclosure",
+                                      end)
+            elif self.call is not None and self._disclosure_line_end(self.call) is not None \
+                    and self.call.heard_by(end - self._hook.debounce):
                 # Waiting one debounce past the end lets a loop break that began just before
                 # it show itself as loop_open first.
                 self._arm_recording(self._complete_disclosure())
@@ -291,6 +292,7 @@ class Line:
             return
         call.disclosure_sha256 = hashlib.sha256(data).hexdigest()
         call.disclosure_first_sample = now
+        call.underruns_at_start = self._output.underruns
         call.disclosure_started_at = self._clock.timestamp(self._capture_name, now)
         self.state = LineState.DISCLOSING
         self._emit(EventKind.DISCLOSURE_STARTED, now, file=str(call.disclosure_file),
@@ -446,29 +448,30 @@ class Line:
     # ---- outputs --------------------------------------------------------------------
 
     def _play(self, start: int, frames: int) -> None:
-        """Write one period to the line output: the disclosure while disclosing, else
+        """Queue one period for the line output: the disclosure while disclosing, else
         silence, so the output runs in step with the capture clock."""
         call = self.call
         end = start + frames
-        chunk: np.ndarray
-        if self.state is LineState.DISCLOSING and call is not None and call.disclosure is not None:
+        ticket = None
+        disclosing = (self.state is LineState.DISCLOSING and call is not None
+                      and call.disclosure is not None)
+        if disclosing:
+            assert call is not None and call.disclosure is not None
             chunk = call.disclosure[call.disclosure_written : call.disclosure_written + frames]
             if len(chunk) < frames:
                 chunk = np.concatenate([chunk, np.zeros(frames - len(chunk), np.int16)])
-        elif (self._ring_buffer.written - end >= self._catch_up
-              and self._output.space() < frames):
-            # The engine fell behind the capture (a slow disk, say). A write of silence to a
-            # full output would block, hold it to real time and keep it behind; skip it and
-            # catch up. The output stays full, so a disclosure starts with a full cushion.
-            return
+            if call.disclosure_written + frames >= len(call.disclosure):
+                # The last of the notice: the playback thread notes the capture position
+                # when it hands this period to the device.
+                ticket = WriteTicket()
+                call.disclosure_ticket = ticket
+                call.disclosure_last_chunk_end = end
         else:
             if len(self._silence) != frames:
                 self._silence = np.zeros(frames, np.int16)
             chunk = self._silence
-        captured_before_write = self._ring_buffer.written
-        underruns_before = self._output.underruns
         try:
-            self._output.write(chunk)
+            self._output.write(chunk, ticket=ticket, silent=not disclosing)
         except HardwareError as exc:
             if self.state is LineState.DISCLOSING:
                 self._fail_disclosure(f"the line output failed: {exc}", start)
@@ -477,21 +480,23 @@ class Line:
             self._output_failed = True
             return
         self._output_failed = False
-        if (self.state is LineState.DISCLOSING and call is not None
-                and call.disclosure_written and self._output.underruns != underruns_before):
-            # The output ran dry after the notice began: the far end heard a gap in it.
-            self._fail_disclosure("the line output ran dry (underrun) during the disclosure",
-                                  start)
-            return
-        if self.state is LineState.DISCLOSING and call is not None and call.disclosure is not None:
+        if disclosing:
+            assert call is not None and call.disclosure is not None
             call.disclosure_written = min(len(call.disclosure), call.disclosure_written + frames)
-            if call.disclosure_written == len(call.disclosure) and call.disclosure_line_end is None:
-                # Date the end of the notice by the capture clock when the output was given
-                # its last sample, not by this tick's position: when the engine runs behind
-                # the capture, the tick position is early and would arm too soon.
-                padding = end - (call.disclosure_first_sample or 0) - len(call.disclosure)
-                given_at = max(captured_before_write, end)
-                call.disclosure_line_end = given_at - padding + self._output_latency
+
+    def _disclosure_line_end(self, call: Call) -> int | None:
+        """Where the notice has surely left the line, once the playback thread has handed
+        its last period to the device: dated by the capture clock at that moment, not by
+        the tick (when the engine runs behind the capture, the tick is early)."""
+        ticket = call.disclosure_ticket
+        if call.disclosure_line_end is None and ticket is not None \
+                and ticket.captured_before_write is not None:
+            assert call.disclosure is not None and call.disclosure_first_sample is not None
+            chunk_end = call.disclosure_last_chunk_end
+            padding = chunk_end - call.disclosure_first_sample - len(call.disclosure)
+            given_at = max(ticket.captured_before_write, chunk_end)
+            call.disclosure_line_end = given_at - padding + self._output_latency
+        return call.disclosure_line_end
 
     def _emit(self, kind: EventKind, position: int, **fields: Any) -> None:
         call = self.call

@@ -18,6 +18,7 @@ from linerec.daemon.config import CaptureConfig, Config
 from linerec.daemon.engine import CaptureThread, TapEngine
 from linerec.daemon.events import EventBus
 from linerec.daemon.line import Line
+from linerec.daemon.playback import PlaybackThread
 from linerec.daemon.recovery import recover_interrupted
 from linerec.hw.base import CaptureStream, Hat
 
@@ -69,6 +70,7 @@ class Recorder:
         self.events = events
         self.until = until
         self.engines: list[TapEngine] = []
+        self.players: dict[str, PlaybackThread] = {}
         self.lines: list[Line] = []
         self._closers: list[tuple[str, Callable[[], Any]]] = []
         """What to close, in opening order, each with its capture device's name."""
@@ -89,6 +91,11 @@ class Recorder:
             if not line_configs:
                 continue
             group = capture_config.name
+            # The config puts every line of a playback device on one capture device.
+            for name in dict.fromkeys(line.playback for line in line_configs):
+                device = self.hat.open_playback(self.config.playback_by_name(name), audio)
+                self._closers.append((group, device.close))
+                self.players[name] = PlaybackThread(name, device)
             stream = self.hat.open_capture(capture_config, audio)
             self._closers.append((group, stream.close))
             rings: dict[int, SampleRing] = {}
@@ -96,8 +103,8 @@ class Recorder:
             for line_config in line_configs:
                 ring = SampleRing(audio.rate * RING_SECONDS)
                 rings[line_config.channel] = ring
-                output = self.hat.open_line_output(line_config, audio)
-                self._closers.append((group, output.close))
+                output = self.players[line_config.playback].channel(
+                    line_config.playback_channel, ring)
                 hook = self.hat.hook_sensor(line_config)
                 self._closers.append((group, hook.close))
                 ringer = self.hat.ring_sensor(line_config)
@@ -133,6 +140,8 @@ class Recorder:
             self.lines.extend(lines)
         if audio.lock_memory:
             lock_memory()
+        for player in self.players.values():
+            player.start()
         for engine in self.engines:
             engine.capture.start()
             engine.start()
@@ -184,6 +193,15 @@ class Recorder:
                 stuck.add(engine.capture_name)
             else:
                 engine.shutdown_lines()
+        for name, player in self.players.items():
+            if player.ident is None:
+                continue
+            player.stop()
+            player.join(timeout=STOP_TIMEOUT_S)
+            if player.is_alive():
+                logger.error("playback thread %s did not stop", player.name)
+                stuck.add(self.config.lines_playing_on(
+                    self.config.playback_by_name(name))[0].capture)
         for engine in started:
             engine.capture.request_stop()
         self.hat.release_capture()

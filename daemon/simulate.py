@@ -27,18 +27,22 @@ def demo_scenario() -> Path:
 
 
 def simulated_config(storage: Path) -> Config:
-    """The built-in config of the simulated HAT: two lines on one two-channel tap."""
+    """The built-in config of the simulated HAT: two lines on one two-channel tap, their
+    disclosures played through one two-channel line output."""
     disclosure = str(packaged_disclosure("en"))
     return config_from_dict(
         {
             "device_id": "linerec-sim",
             "storage": str(storage),
             "capture": [{"name": "tap", "device": "simulated", "channels": 2}],
+            "playback": [{"name": "out", "device": "simulated", "channels": 2}],
             "line": [
-                {"name": "line1", "capture": "tap", "channel": 0, "playback": "simulated",
-                 "hook_pin": 17, "ring_pin": 27, "led_pin": 22, "disclosure": disclosure},
-                {"name": "line2", "capture": "tap", "channel": 1, "playback": "simulated",
-                 "hook_pin": 23, "ring_pin": 24, "led_pin": 25, "disclosure": disclosure},
+                {"name": "line1", "capture": "tap", "channel": 0, "playback": "out",
+                 "playback_channel": 0, "hook_pin": 17, "ring_pin": 27, "led_pin": 22,
+                 "disclosure": disclosure},
+                {"name": "line2", "capture": "tap", "channel": 1, "playback": "out",
+                 "playback_channel": 1, "hook_pin": 23, "ring_pin": 24, "led_pin": 25,
+                 "disclosure": disclosure},
             ],
         },
         source="<built-in simulated config>",

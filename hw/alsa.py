@@ -10,7 +10,7 @@ import alsaaudio
 import numpy as np
 
 from linerec.audio import g711
-from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
+from linerec.daemon.config import AudioConfig, CaptureConfig, PlaybackConfig
 from linerec.hw.base import HardwareError
 
 _FORMATS = {
@@ -125,30 +125,27 @@ class AlsaCapture:
             self._pcm.close()
 
 
-class AlsaLineOutput:
-    """A playback device for one line, written in blocking periods."""
+class AlsaPlayback:
+    """A playback device whose channels are line outputs, written in blocking periods of
+    interleaved frames by its playback thread."""
 
-    def __init__(self, line: LineConfig, audio: AudioConfig) -> None:
-        self.name = line.playback
+    def __init__(self, playback: PlaybackConfig, audio: AudioConfig) -> None:
+        self.name = playback.device
+        self.channels = playback.channels
         self._pcm = _open(
             alsaaudio.PCM_PLAYBACK,
-            line.playback,
+            playback.device,
             rate=audio.rate,
-            channels=1,
+            channels=playback.channels,
             audio=audio,
-            key=f"line {line.name!r} playback",
+            key=f"playback {playback.name!r}",
         )
         self.buffer_frames = int(self._pcm.info()["buffer_size"])
         self.underruns = 0
 
-    def space(self) -> int:
-        try:
-            return max(0, int(self._pcm.avail()))
-        except alsaaudio.ALSAAudioError as exc:
-            raise HardwareError(f"playback to {self.name!r} failed: {exc}") from exc
-
-    def write(self, samples: np.ndarray) -> None:
-        data = samples.astype("<i2").tobytes()
+    def write(self, frames: np.ndarray) -> None:
+        """Write int16 frames shaped (n, channels); raises HardwareError when it fails."""
+        data = frames.astype("<i2").tobytes()
         try:
             # pyalsaaudio re-prepares an underrun stream silently before it writes: look first.
             if self._pcm.state() == alsaaudio.PCM_STATE_XRUN:
@@ -156,9 +153,13 @@ class AlsaLineOutput:
             written = self._pcm.write(data)
         except alsaaudio.ALSAAudioError as exc:
             raise HardwareError(f"playback to {self.name!r} failed: {exc}") from exc
-        if written != len(samples):
+        if written != len(frames):
             raise HardwareError(
-                f"playback to {self.name!r} took {written} of {len(samples)} frames")
+                f"playback to {self.name!r} took {written} of {len(frames)} frames")
+
+    def skip(self, frames: np.ndarray) -> None:
+        pass
 
     def close(self) -> None:
-        self._pcm.close()
+        with contextlib.suppress(alsaaudio.ALSAAudioError):
+            self._pcm.close()

@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
+from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig, PlaybackConfig
 
 
 def output_latency(*, capture_period: int, capture_buffer: int, output_buffer: int,
@@ -57,19 +57,23 @@ class CaptureStream(Protocol):
     def close(self) -> None: ...
 
 
-class LineOutput(Protocol):
-    """The line output (through the HAT's transformer) that plays into one line."""
+class PlaybackStream(Protocol):
+    """A playback device whose channels are line outputs (through the HAT's
+    transformers), one channel per line."""
 
+    channels: int
     buffer_frames: int
     """Frames the device buffers: what is written leaves the line at most this much later."""
     underruns: int
     """Times the device ran dry before a write (a gap in what it played)."""
 
-    def space(self) -> int:
-        """Frames that can be written now without blocking."""
+    def write(self, frames: np.ndarray) -> None:
+        """Play int16 frames shaped (n, channels), blocking while the device is full;
+        raises HardwareError when it fails."""
 
-    def write(self, samples: np.ndarray) -> None:
-        """Queue mono int16 samples for playback; raises HardwareError when it fails."""
+    def skip(self, frames: np.ndarray) -> None:
+        """Silence the playback thread drops to catch up after a stall: a device with a
+        clock of its own is simply not given it."""
 
     def close(self) -> None: ...
 
@@ -115,7 +119,7 @@ class Hat(Protocol):
 
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> CaptureStream: ...
 
-    def open_line_output(self, line: LineConfig, audio: AudioConfig) -> LineOutput: ...
+    def open_playback(self, playback: PlaybackConfig, audio: AudioConfig) -> PlaybackStream: ...
 
     def hook_sensor(self, line: LineConfig) -> BinaryInput: ...
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig
-from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
+from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig, PlaybackConfig
+from linerec.hw.alsa import AlsaCapture, AlsaPlayback
 from linerec.hw.gpio import GpioInput, GpioLed
 
 
@@ -39,8 +39,8 @@ class PiHat:
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
         return AlsaCapture(capture, audio)
 
-    def open_line_output(self, line: LineConfig, audio: AudioConfig) -> AlsaLineOutput:
-        return AlsaLineOutput(line, audio)
+    def open_playback(self, playback: PlaybackConfig, audio: AudioConfig) -> AlsaPlayback:
+        return AlsaPlayback(playback, audio)
 
     def hook_sensor(self, line: LineConfig) -> GpioInput:
         return GpioInput(line.hook_pin, active_high=line.hook_active_high,

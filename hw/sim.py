@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from linerec.audio import g711
-from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig
-from linerec.hw.alsa import AlsaCapture, AlsaLineOutput
+from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig, PlaybackConfig
+from linerec.hw.alsa import AlsaCapture, AlsaPlayback
 from linerec.hw.base import HardwareError, output_latency
 from linerec.hw.gpio import GpioInput, GpioLed, drive_input, mock_pin_factory
 from linerec.hw.scenario import GpioChange, Scenario
@@ -47,8 +47,8 @@ def capture_pcm_name(capture: str) -> str:
     return f"linerec_sim_tap_{capture}"
 
 
-def output_pcm_name(line: str) -> str:
-    return f"linerec_sim_out_{line}"
+def output_pcm_name(playback: str) -> str:
+    return f"linerec_sim_out_{playback}"
 
 
 class SimulatedClock:
@@ -110,7 +110,7 @@ class SimulatedHat:
         self._feeders: list[_LineFeeder] = []
         self._capture_fds: dict[str, int] = {}
         self._output_fds: dict[str, int] = {}
-        self._outputs: dict[str, AlsaLineOutput] = {}
+        self._outputs: dict[str, AlsaPlayback] = {}
         self._captures: dict[str, AlsaCapture] = {}
         self._capture_faults: dict[str, _CaptureFaults] = {}
         self.broken_outputs: set[str] = set()
@@ -145,10 +145,11 @@ class SimulatedHat:
         """Where the simulated line's audio never reaches the daemon."""
         return {**self.faults_on(capture, "overrun"), **self.faults_on(capture, "unplug")}
 
-    def open_line_output(self, line: LineConfig, audio: AudioConfig) -> AlsaLineOutput:
-        output = AlsaLineOutput(dataclasses.replace(line, playback=output_pcm_name(line.name)),
+    def open_playback(self, playback: PlaybackConfig, audio: AudioConfig) -> AlsaPlayback:
+        output = SimulatedPlayback(
+            dataclasses.replace(playback, device=output_pcm_name(playback.name)),
                                 audio)
-        self._outputs[line.name] = output
+        self._outputs[playback.name] = output
         return output
 
     def hook_sensor(self, line: LineConfig) -> GpioInput:
@@ -200,8 +201,9 @@ class SimulatedHat:
         """Fault injection: the line output's ALSA PCM goes away (as when the HAT's codec
         resets), so the daemon's next write fails inside alsa-lib/pyalsaaudio. The line
         then hears nothing from the daemon."""
-        self.broken_outputs.add(line)
-        self._outputs[line].close()
+        playback = self._line_of[line].playback
+        self.broken_outputs.add(playback)
+        self._outputs[playback].close()
 
     def start_lines(self) -> None:
         """Start feeding each capture device; call after the daemon opened its devices."""
@@ -242,10 +244,10 @@ class SimulatedHat:
             fifo = self._fifo(f"capture-{capture.name}.fifo")
             self._capture_fds[capture.name] = os.open(fifo, os.O_RDWR)
             entries.append(_file_pcm(capture_pcm_name(capture.name), "/dev/null", infile=fifo))
-        for line in self.config.line:
-            fifo = self._fifo(f"output-{line.name}.fifo")
-            self._output_fds[line.name] = os.open(fifo, os.O_RDWR)
-            entries.append(_file_pcm(output_pcm_name(line.name), fifo))
+        for playback in self.config.playback:
+            fifo = self._fifo(f"output-{playback.name}.fifo")
+            self._output_fds[playback.name] = os.open(fifo, os.O_RDWR)
+            entries.append(_file_pcm(output_pcm_name(playback.name), fifo))
         asoundrc = self.workdir / "asoundrc"
         asoundrc.write_text("\n".join(entries) + "\n", encoding="utf-8")
         # alsa-lib reads its configuration when the first PCM opens, after this.
@@ -257,6 +259,15 @@ class SimulatedHat:
             path.unlink()
         os.mkfifo(path, 0o600)
         return path
+
+
+class SimulatedPlayback(AlsaPlayback):
+    """The real ALSA playback adapter. The simulated device has no clock of its own, so
+    there is no backlog to catch up with: silence the playback thread would drop is
+    played, and the line's timeline stays whole (what is dropped is silence either way)."""
+
+    def skip(self, frames: np.ndarray) -> None:
+        self.write(frames)
 
 
 @dataclass
@@ -320,7 +331,7 @@ class _LineFeeder(threading.Thread):
         self._played_base = {line.name: 0 for line in lines}
         self._played_frames = {line.name: 0 for line in lines}
         self._keep_played = hat.keep_files
-        self._carry = {line.name: b"" for line in lines}
+        self._carry = {line.playback: b"" for line in lines}
         self.line_audio = np.zeros((hat.total if hat.keep_files else 0, len(lines)),
                                    dtype=np.int16)
         self.written = 0
@@ -344,7 +355,7 @@ class _LineFeeder(threading.Thread):
         fd = hat._capture_fds[self.capture.name]
         # Heard on the line as late as the daemon allows for.
         capture_buffer = hat._captures[self.capture.name].buffer_frames
-        buffers = {line.name: hat._outputs[line.name].buffer_frames for line in self.lines}
+        buffers = {line.name: hat._outputs[line.playback].buffer_frames for line in self.lines}
         delays = {
             name: output_latency(capture_period=period, capture_buffer=capture_buffer,
                                  output_buffer=buffer,
@@ -413,7 +424,7 @@ class _LineFeeder(threading.Thread):
         yet played through the gap)."""
         out = np.zeros(count, dtype=np.float64)
         lo, hi = max(first, 0), min(first + count, available)
-        if hi <= lo or line in self.hat.broken_outputs:
+        if hi <= lo or self.hat._line_of[line].playback in self.hat.broken_outputs:
             return out
         self._read_played(line, hi)
         base = self._played_base[line]
@@ -425,10 +436,16 @@ class _LineFeeder(threading.Thread):
         return self._played[line][: self._played_frames[line] - self._played_base[line]]
 
     def _read_played(self, line: str, frames: int) -> None:
-        fd = self.hat._output_fds[line]
+        """Read the line's playback device until this line has ``frames`` played samples;
+        the device's other channels go to the lines they serve."""
+        playback = self.hat.config.playback_by_name(self.hat._line_of[line].playback)
+        fd = self.hat._output_fds[playback.name]
+        served = [(other.name, other.playback_channel) for other in self.lines
+                  if other.playback == playback.name]
+        frame_bytes = 2 * playback.channels
         waited = 0.0
         while self._played_frames[line] < frames:
-            if line in self.hat.broken_outputs or self._stopping:
+            if playback.name in self.hat.broken_outputs or self._stopping:
                 return
             ready, _, _ = select.select([fd], [], [], 0.1)
             if not ready:
@@ -438,25 +455,29 @@ class _LineFeeder(threading.Thread):
                 raise HardwareError(
                     f"simulated line {line}: the daemon played nothing for {STALL_TIMEOUT_S} s "
                     f"(have {self._played_frames[line]} of {frames} frames)")
-            data = self._carry[line] + os.read(fd, 16384)
-            whole = len(data) - len(data) % 2
-            self._carry[line] = data[whole:]
-            samples = np.frombuffer(data[:whole], dtype="<i2")
-            base = self._played_base[line]
-            have = self._played_frames[line] - base
-            buf = self._played[line]
-            if have + len(samples) > len(buf):
-                if self._keep_played:
-                    buf = np.concatenate([buf, np.zeros(max(len(buf), len(samples)), np.int16)])
-                else:
-                    # Keep the newest half: far more than the echo delay looks back.
-                    drop = have - len(buf) // 2
-                    buf[: have - drop] = buf[drop:have]
-                    have -= drop
-                    self._played_base[line] = base + drop
-                self._played[line] = buf
-            buf[have : have + len(samples)] = samples
-            self._played_frames[line] = self._played_base[line] + have + len(samples)
+            data = self._carry[playback.name] + os.read(fd, 16384)
+            whole = len(data) - len(data) % frame_bytes
+            self._carry[playback.name] = data[whole:]
+            block = np.frombuffer(data[:whole], dtype="<i2").reshape(-1, playback.channels)
+            for name, channel in served:
+                self._keep(name, block[:, channel])
+
+    def _keep(self, line: str, samples: np.ndarray) -> None:
+        base = self._played_base[line]
+        have = self._played_frames[line] - base
+        buf = self._played[line]
+        if have + len(samples) > len(buf):
+            if self._keep_played:
+                buf = np.concatenate([buf, np.zeros(max(len(buf), len(samples)), np.int16)])
+            else:
+                # Keep the newest half: far more than the echo delay looks back.
+                drop = have - len(buf) // 2
+                buf[: have - drop] = buf[drop:have]
+                have -= drop
+                self._played_base[line] = base + drop
+            self._played[line] = buf
+        buf[have : have + len(samples)] = samples
+        self._played_frames[line] = self._played_base[line] + have + len(samples)
 
 
 def _file_pcm(name: str, output: Path | str, *, infile: Path | None = None) -> str:

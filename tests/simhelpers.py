@@ -63,6 +63,11 @@ storage = "{tmp_path / 'recordings'}"
 name = "tap"
 device = "hw:CARD=tapHAT"
 channels = 2
+
+[[playback]]
+name = "out"
+device = "plughw:CARD=tapHAT"
+channels = 2
 """
     for index, (hook, ring, led) in enumerate(((17, 27, 22), (23, 24, 25))):
         text += f"""
@@ -70,7 +75,8 @@ channels = 2
 name = "line{index + 1}"
 capture = "tap"
 channel = {index}
-playback = "plughw:CARD=tapHAT,DEV={index}"
+playback = "out"
+playback_channel = {index}
 hook_pin = {hook}
 ring_pin = {ring}
 led_pin = {led}

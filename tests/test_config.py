@@ -46,10 +46,16 @@ BAD = [
     ("replace", ('name = "line2"', 'name = "Line 2"'), "line[1].name", "lower-case"),
     ("replace", ("hook_pin = 23", "hook_pin = 17"), "line[1].hook_pin", "already used"),
     ("replace", ("hook_pin = 23", "hook_pin = 99"), "line[1].hook_pin", "out of range"),
-    ("replace", ("channel = 1", "channel = 2"), "line[1].channel", "use 0 to 1"),
-    ("replace", ("channel = 1", "channel = 0"), "line[1].channel", "already tapped"),
+    ("replace", ("\nchannel = 1", "\nchannel = 2"), "line[1].channel", "use 0 to 1"),
+    ("replace", ("\nchannel = 1", "\nchannel = 0"), "line[1].channel", "already tapped"),
     ("replace", ('capture = "tap"\nchannel = 1', 'capture = "tip"\nchannel = 1'),
      "line[1].capture", "no [[capture]]"),
+    ("replace", ('playback = "out"\nplayback_channel = 1', 'playback = "tv"\nplayback_channel = 1'),
+     "line[1].playback", "no [[playback]]"),
+    ("replace", ("playback_channel = 1", "playback_channel = 2"), "line[1].playback_channel",
+     "use 0 to 1"),
+    ("replace", ("playback_channel = 1", "playback_channel = 0"), "line[1].playback_channel",
+     "already plays into line 'line1'"),
     ("replace", ("ring_pin = 24\n", ""), "line[1].ring_pin", "required"),
     ("replace", ('device_id = "office"', 'device_id = "a/b"'), "device_id", "letters"),
 ]
@@ -89,8 +95,8 @@ def test_disclosure_problems_are_config_errors(tmp_path: Path) -> None:
     path = sim_config(tmp_path, disclosure=junk)
     with pytest.raises(ConfigError, match="not a readable PCM WAV"):
         load_config(path)
-    text = sim_config(tmp_path).read_text().replace('playback = "plughw:CARD=tapHAT,DEV=0"',
-                                                    'playback = "x"\ndisclosure_max_s = 2.0')
+    text = sim_config(tmp_path).read_text().replace('playback_channel = 0',
+                                                    'playback_channel = 0\ndisclosure_max_s = 2.0')
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"lasts 7\.\d s, over disclosure_max_s"):
         load_config(path)

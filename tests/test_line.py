@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,12 @@ from simhelpers import RECORDED_CALL, recordings, sim_config, step, write_scenar
 
 from linerec.audio.pcm import load_line_audio
 from linerec.audio.ring import SampleRing
-from linerec.daemon.config import load_config
+from linerec.daemon.config import PlaybackConfig, load_config
 from linerec.daemon.events import EventBus
 from linerec.daemon.line import HookEdge, HookFilter, Line
+from linerec.daemon.playback import PlaybackThread
 from linerec.daemon.simulate import packaged_disclosure, run_simulation
-from linerec.hw.alsa import AlsaLineOutput
+from linerec.hw.alsa import AlsaPlayback
 from linerec.hw.board import WallClock
 from linerec.hw.gpio import GpioInput, GpioLed, drive_input, mock_pin_factory, pin_is_high
 from linerec.hw.scenario import load_scenario
@@ -135,11 +137,14 @@ class LineBench:
         monkeypatch.setenv("ALSA_CONFIG_PATH", f"/usr/share/alsa/alsa.conf:{asoundrc}")
         config = load_config(sim_config(tmp_path))
         # dataclasses.replace skips the config checks: a test may set what a file cannot.
-        self.config = dataclasses.replace(config.line[0], playback="out", **line)
+        self.config = dataclasses.replace(config.line[0], **line)
         self.factory = mock_pin_factory()
         self.events: list[dict[str, Any]] = []
-        self.output = AlsaLineOutput(self.config, config.audio)
+        self.device = AlsaPlayback(PlaybackConfig("out", "out", channels=1), config.audio)
+        self.player = PlaybackThread("out", self.device)
         self.ring = SampleRing(32768)
+        self.output = self.player.channel(0, self.ring)
+        self.player.start()
         self.line = Line(
             self.config, config.audio, capture_name="tap", capture_period=self.PERIOD,
             capture_buffer=640, ring=self.ring,
@@ -171,10 +176,15 @@ class LineBench:
             self.ring.write(np.zeros(self.PERIOD, np.int16))
             self.line.tick(self.position, self.PERIOD)
             self.position += self.PERIOD
+            # As in the engine: the playback thread keeps up with the ticks.
+            while self.output.queue:
+                time.sleep(0.0005)
 
     def close(self) -> None:
         self.line.shutdown(self.position)
-        self.output.close()
+        self.player.stop()
+        self.player.join()
+        self.device.close()
         self.factory.close()
 
 

@@ -51,8 +51,7 @@ def line_devices(tmp_path: Path) -> Iterator[dict[str, str]]:
     asoundrc = tmp_path / "asoundrc"
     asoundrc.write_text(
         f'pcm.tap {{ type file slave.pcm "null" file "/dev/null" infile "{fifo}" format "raw" }}\n'
-        f'pcm.out1 {{ type file slave.pcm "null" file "{tmp_path}/out1.raw" format "raw" }}\n'
-        f'pcm.out2 {{ type file slave.pcm "null" file "{tmp_path}/out2.raw" format "raw" }}\n')
+        f'pcm.out {{ type file slave.pcm "null" file "{tmp_path}/out.raw" format "raw" }}\n')
     stop = threading.Event()
 
     def feed() -> None:
@@ -74,8 +73,7 @@ def test_run_tells_systemd_ready_status_and_stopping(tmp_path: Path,
                                                      line_devices: dict[str, str]) -> None:
     config = sim_config(tmp_path)
     text = config.read_text().replace('device = "hw:CARD=tapHAT"', 'device = "tap"')
-    text = text.replace('"plughw:CARD=tapHAT,DEV=0"', '"out1"')
-    text = text.replace('"plughw:CARD=tapHAT,DEV=1"', '"out2"')
+    text = text.replace('device = "plughw:CARD=tapHAT"', 'device = "out"')
     config.write_text(text)
     notify_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -118,14 +116,14 @@ def test_run_refuses_a_bad_config_with_status_2(tmp_path: Path) -> None:
 
 def test_run_exits_cleanly_when_a_device_is_missing(tmp_path: Path) -> None:
     config = sim_config(tmp_path)
-    config.write_text(config.read_text().replace('"hw:CARD=tapHAT"', '"linerec_no_such_pcm"'))
+    config.write_text(config.read_text().replace('"plughw:CARD=tapHAT"', '"linerec_no_such_pcm"'))
     env = {**os.environ, "GPIOZERO_PIN_FACTORY": "mock"}
     env.pop("JOURNAL_STREAM", None)
     result = subprocess.run([sys.executable, "-m", "linerec.daemon.cli", "run", "--config",
                              str(config)], env=env, capture_output=True, text=True, timeout=60,
                             check=False)
     assert result.returncode == 1
-    assert "ALSA device 'linerec_no_such_pcm' (capture 'tap') cannot be opened" in result.stderr
+    assert "ALSA device 'linerec_no_such_pcm' (playback 'out') cannot be opened" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -234,7 +234,9 @@ def test_realtime_paces_the_line_to_the_clock(tmp_path: Path) -> None:
 def test_an_isdn_line_in_g711_is_recorded(tmp_path: Path, caller_speech: Path,
                                           law: str) -> None:
     config = sim_config(tmp_path)
-    config.write_text(config.read_text().replace("channels = 2", f'channels = 2\nformat = "{law}"'))
+    config.write_text(config.read_text().replace(
+        'device = "hw:CARD=tapHAT"\nchannels = 2',
+        f'device = "hw:CARD=tapHAT"\nchannels = 2\nformat = "{law}"'))
     scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
                               + step(10.0, "audio", file=str(caller_speech))
                               + step(18.0, "onhook"), duration=19.0)
@@ -345,3 +347,24 @@ def test_a_capture_device_that_goes_away_is_reopened_and_the_call_goes_on(
     scores = [float(np.dot(after[40:-40], expected[40 + s : len(expected) - 40 + s]))
               for s in shifts]
     assert shifts[int(np.argmax(scores))] == 0
+
+
+def test_two_lines_disclose_at_once_through_one_output(tmp_path: Path) -> None:
+    """Both lines of the two-channel line output answer together: the playback thread mixes
+    each disclosure into its own channel, and neither waits for the other."""
+    scenario = write_scenario(
+        tmp_path, step(0.5, "ring") + step(0.5, "ring", line="line2") + step(1.0, "offhook")
+        + step(1.0, "offhook", line="line2") + step(12.0, "onhook")
+        + step(12.0, "onhook", line="line2"), duration=13.0)
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path))
+    disclosure = load_line_audio(packaged_disclosure("en"), RATE).astype(np.float64)
+    completed = []
+    for line in ("line1", "line2"):
+        mine = [e for e in events if e["line"] == line]
+        assert [e["event"] for e in mine] == RECORDED_CALL
+        start = mine[1]["sample"]
+        played = read_wav(tmp_path / "work" / f"{line}.played.wav")
+        np.testing.assert_array_equal(played[start : start + len(disclosure)], disclosure)
+        assert not played[:start].any() and not played[start + len(disclosure) :].any()
+        completed.append(mine[2]["sample"])
+    assert completed[0] == completed[1]
