@@ -21,9 +21,10 @@ PART_SUFFIX = ".part"
 logger = logging.getLogger(__name__)
 
 
-MAX_REWIND_S = 2.5
+MAX_REWIND_S = 3.0
 """How far before the audio written so far a recording may still be ended: the longest
-on-hook confirmation (2 s) and a period, with room to spare."""
+on-hook confirmation (2 s) and the longest period (4096 frames at 8 kHz), with room to
+spare."""
 
 
 class RecordingFile:
@@ -55,6 +56,7 @@ class RecordingFile:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._file: BinaryIO = os.fdopen(fd, "wb")
+        packets_per_page = max(1, round(page_interval_s * FRAMES_PER_SECOND))
         self._writer = OggOpusWriter(
             self._file,
             input_rate=rate,
@@ -62,13 +64,14 @@ class RecordingFile:
             vendor=vendor,
             tags=tags,
             serial=secrets.randbits(32),
-            packets_per_page=max(1, round(page_interval_s * FRAMES_PER_SECOND)),
-            keep_pages=math.ceil(MAX_REWIND_S / page_interval_s) + 2,
+            packets_per_page=packets_per_page,
+            keep_pages=math.ceil(MAX_REWIND_S * FRAMES_PER_SECOND / packets_per_page) + 2,
         )
         self._file.flush()
         self._pages_on_disk = self._writer.pages_written
         self._fsync_every = max(1, round(fsync_interval_s * rate))
         self._synced_at = 0
+        self._unsynced = False
         self._carry = np.zeros(0, dtype=np.int16)
         self.samples = 0
         """Input samples handed to the recording so far (its length, once closed)."""
@@ -84,9 +87,11 @@ class RecordingFile:
         if self._writer.pages_written != self._pages_on_disk:
             self._file.flush()
             self._pages_on_disk = self._writer.pages_written
-            if self.samples - self._synced_at >= self._fsync_every:
-                os.fdatasync(self._file.fileno())
-                self._synced_at = self.samples
+            self._unsynced = True
+        if self._unsynced and self.samples - self._synced_at >= self._fsync_every:
+            os.fdatasync(self._file.fileno())
+            self._synced_at = self.samples
+            self._unsynced = False
 
     def close(self, end: int | None = None) -> int:
         """Finish the stream after ``end`` samples (default: all written), make it durable

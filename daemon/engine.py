@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from linerec.audio.ring import SampleRing
@@ -44,6 +45,7 @@ class CaptureThread(threading.Thread):
         self.failure: HardwareError | None = None
         self._stopping = False
         self._stop_event = threading.Event()
+        self._last_good_read = time.monotonic()
 
     def run(self) -> None:
         if self.priority:
@@ -62,6 +64,7 @@ class CaptureThread(threading.Thread):
                 self.failure = exc
                 self.doorbell.set()
                 return
+            self._last_good_read = time.monotonic()
             lost = self.stream.take_lost()
             if lost:
                 # Silence where audio was lost, so that what follows keeps its time.
@@ -86,18 +89,18 @@ class CaptureThread(threading.Thread):
             return False
         self.device_error = str(error)
         self.doorbell.set()  # the engine reports it
-        last_read_at = self.stream.last_read_at
-        with contextlib.suppress(HardwareError):
+        with contextlib.suppress(Exception):
             self.stream.close()
         delay = 0.1
         while not self._stop_event.wait(delay):
             try:
                 stream = self._reopen()
-            except HardwareError as again:
-                self.device_error = str(again)
+            except Exception:  # whatever the reopen raises, try again later
                 delay = min(delay * 2, 5.0)
                 continue
-            stream.measure_gap_from(last_read_at)
+            # From this thread's last good period, not the failed stream's: a stream that
+            # failed again before delivering anything has no good period of its own.
+            stream.measure_gap_from(self._last_good_read)
             self.stream = stream
             self.device_error = None
             self.reopened += 1

@@ -225,10 +225,28 @@ class Line:
             self._record_until(end)
 
     def note_capture_gap(self, position: int, lost: int, cause: str) -> None:
-        """The capture lost ``lost`` samples at ``position`` (now silence)."""
-        if self.call is not None and self.call.recording is not None:
-            self.call.capture_gaps.append({"sample": position, "lost_samples": lost,
-                                           "cause": cause})
+        """The capture lost ``lost`` samples at ``position`` (now silence). While it was
+        gone nobody watched the hook: if the gap could hide a hang-up (and a new call
+        answered since), the disclosure fails and the recording ends where the gap began;
+        the call goes on unrecorded until on-hook."""
+        call = self.call
+        if call is None:
+            return
+        if call.recording is not None:
+            call.capture_gaps.append({"sample": position, "lost_samples": lost,
+                                      "cause": cause})
+        blind = cause == "device" or lost >= self._hook.onhook_confirm
+        if not blind:
+            return
+        if self.state is LineState.DISCLOSING:
+            self._fail_disclosure("the capture was lost during the disclosure, so the line "
+                                  "was not watched", position)
+        elif self.state is LineState.RECORDING:
+            self._stop_recording(position)
+            self.state = LineState.UNRECORDED
+            self._emit(EventKind.ERROR, position,
+                       message=f"the capture was lost for {lost / self._rate:.1f} s; the "
+                       "recording ends where it was lost, the call goes on unrecorded")
 
     def shutdown(self, position: int) -> None:
         """The service stops: close an open recording with what was captured."""

@@ -82,7 +82,15 @@ def _recover_recording(part: Path, events: EventBus, now: datetime) -> bool:
                                ts=now, file=str(final) if recording["file"] else None,
                                duration_s=recording["duration_s"], bytes=recording["bytes"]))
     receipt.update(call_id=call_id, line=line, recording=recording)
-    _close_receipt(receipt_file, receipt, now)
+    if receipt.get("state") == "closed":
+        # The call ended normally but its recording could not be written or closed: the
+        # .part is made playable; the call's own ending stands.
+        if recording.get("status") == "interrupted":
+            recording["status"] = "recovered"
+        receipt["recovered_at"] = iso_ms(now)
+        write_receipt(receipt_file, receipt)
+    else:
+        _close_receipt(receipt_file, receipt, now)
     return True
 
 

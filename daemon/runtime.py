@@ -30,7 +30,7 @@ TimeoutStopSec, so systemd never has to kill a recorder that is closing its file
 
 RING_SECONDS = 4
 """Each line's ring holds at least this much audio: the engine may fall this far behind
-(and the encoder's on-hook lag, at most 2 s, lives inside it)."""
+the capture before audio is lost."""
 
 
 def lock_memory() -> bool:

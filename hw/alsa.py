@@ -76,10 +76,6 @@ class AlsaCapture:
         self._last_read_at = time.monotonic()
         self._gap_since: float | None = None
 
-    @property
-    def last_read_at(self) -> float:
-        return self._last_read_at
-
     def measure_gap_from(self, last_read_at: float) -> None:
         self._gap_since = last_read_at
 

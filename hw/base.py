@@ -42,10 +42,6 @@ class CaptureStream(Protocol):
         """Block until one period is captured; returns int16 frames shaped
         (period_frames, channels). After an overrun it recovers and reads on."""
 
-    @property
-    def last_read_at(self) -> float:
-        """Monotonic time of the last good period."""
-
     def measure_gap_from(self, last_read_at: float) -> None:
         """This stream replaces one that failed: report, with its first period, the frames
         lost since that one's last good period."""

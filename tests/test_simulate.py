@@ -316,37 +316,41 @@ def test_an_overrun_is_counted_and_does_not_shift_the_audio_after_it(
     assert shifts[int(np.argmax(scores))] == 0
 
 
-def test_a_capture_device_that_goes_away_is_reopened_and_the_call_goes_on(
+def test_a_capture_device_that_goes_away_is_reopened_and_the_recording_ends_there(
         tmp_path: Path, caller_speech: Path) -> None:
+    """While the device is gone nobody watches the hook: the caller may have hung up and a
+    new call been answered. So the recording ends where the device was lost, the call goes
+    on unrecorded, and the device is reopened for the calls that follow."""
     gone_at, gone_for = 12.0, 1.5
     scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
                               + step(10.0, "audio", file=str(caller_speech))
                               + step(gone_at, "unplug", seconds=gone_for)
-                              + step(19.0, "onhook"), duration=20.0)
+                              + step(19.0, "onhook") + step(20.0, "ring")
+                              + step(21.0, "offhook") + step(34.0, "onhook"), duration=35.0)
     result = linerec("simulate", "--scenario", str(scenario), "--config",
                      str(sim_config(tmp_path)), "--workdir", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr
     assert "capture device tap failed" in result.stderr and "tap is back" in result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["event"] for e in events if e["line"] == "line1"] == RECORDED_CALL
-    (error,) = [e for e in events if e["event"] == "error"]
-    assert error["line"] is None and "unplugged" in error["message"]
+    (device_error,) = [e for e in events if e["event"] == "error" and e["line"] is None]
+    assert "unplugged" in device_error["message"]
     line1 = [e for e in events if e["line"] == "line1"]
-    first = line1[2]["sample"]
-    decoded = decode(Path(line1[4]["file"]), tmp_path)
-    assert len(decoded) == 19 * RATE - first
-
+    assert [e["event"] for e in line1] == [
+        "call_started", "disclosure_started", "disclosure_completed", "recording_started",
+        "recording_stopped", "error", "call_ended", *RECORDED_CALL]
     gap, lost = round(gone_at * RATE), round(gone_for * RATE)
-    (receipt,) = receipts(tmp_path)
-    assert receipt["recording"]["capture_gaps"] == [
+    first = line1[2]["sample"]
+    assert line1[4]["sample"] == gap
+    decoded = decode(Path(line1[4]["file"]), tmp_path)
+    assert len(decoded) == gap - first
+    assert line1[6]["reason"] == "onhook" and line1[6]["recorded"] is True
+
+    first_call = next(r for r in receipts(tmp_path) if r["call_id"] == line1[0]["call_id"])
+    assert first_call["recording"]["capture_gaps"] == [
         {"sample": gap, "lost_samples": lost, "cause": "device"}]
-    line_audio = read_wav(tmp_path / "work" / "line1.line.wav")
-    after = decoded[gap - first + lost :]
-    expected = line_audio[gap + lost : gap + lost + len(after)]
-    shifts = range(-40, 41)
-    scores = [float(np.dot(after[40:-40], expected[40 + s : len(expected) - 40 + s]))
-              for s in shifts]
-    assert shifts[int(np.argmax(scores))] == 0
+    # The next call records again, on the reopened device.
+    second = decode(Path(line1[11]["file"]), tmp_path)
+    assert len(second) == 34 * RATE - line1[9]["sample"]
 
 
 def test_two_lines_disclose_at_once_through_one_output(tmp_path: Path) -> None:
@@ -368,3 +372,15 @@ def test_two_lines_disclose_at_once_through_one_output(tmp_path: Path) -> None:
         assert not played[:start].any() and not played[start + len(disclosure) :].any()
         completed.append(mine[2]["sample"])
     assert completed[0] == completed[1]
+
+
+def test_a_capture_device_lost_during_the_disclosure_fails_it(tmp_path: Path) -> None:
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(4.0, "unplug", seconds=1.0) + step(14.0, "onhook"),
+                              duration=15.0)
+    events = run_sim(tmp_path, scenario, sim_config(tmp_path))
+    line1 = [e for e in events if e["line"] == "line1"]
+    assert [e["event"] for e in line1] == [
+        "call_started", "disclosure_started", "disclosure_failed", "call_ended"]
+    assert "capture was lost" in line1[2]["reason"]
+    assert recordings(tmp_path) == []
