@@ -303,6 +303,9 @@ def repair_stream(path: Path) -> RepairedStream:
     whole audio page is left as it is and reported ``empty``."""
     data = path.read_bytes()
     pages = read_pages(data)
+    if not pages and data[:4] == b"OggS"[: len(data[:4])]:
+        # Nothing whole reached the disk (a power cut right after the file was made).
+        return RepairedStream(0, 0, 0, {}, len(data), False)
     if len(pages) < 2 or not pages[0].packets or not pages[0].packets[0].startswith(b"OpusHead"):
         raise RepairError(f"{path}: no complete Ogg Opus header; nothing to recover")
     head = pages[0].packets[0]

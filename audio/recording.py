@@ -68,6 +68,7 @@ class RecordingFile:
             keep_pages=math.ceil(MAX_REWIND_S * FRAMES_PER_SECOND / packets_per_page) + 2,
         )
         self._file.flush()
+        fsync_dir(path.parent)  # the .part's name survives a power cut, for the recovery
         self._pages_on_disk = self._writer.pages_written
         self._fsync_every = max(1, round(fsync_interval_s * rate))
         self._synced_at = 0

@@ -165,8 +165,9 @@ class Recorder:
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         text = ", ".join(f"{line.name}: {line.state}" for line in self.lines)
-        overruns = [f"{e.capture_name} {e.capture.stream.overruns}" for e in self.engines
-                    if e.capture.stream.overruns]
+        counts = {e.capture_name: sum(1 for g in e.capture.gaps if g[2] == "overrun")
+                  for e in self.engines}
+        overruns = [f"{name} {count}" for name, count in counts.items() if count]
         return f"{text}; overruns: {', '.join(overruns)}" if overruns else text
 
     def wait(self, timeout: float | None = None) -> bool:

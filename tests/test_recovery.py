@@ -91,3 +91,13 @@ def test_open_receipts_without_a_recording_are_closed(tmp_path: Path) -> None:
     receipt = json.loads(path.read_text())
     assert receipt["state"] == "interrupted" and receipt["end_reason"] == "interrupted"
     assert broken.read_text() == "{ cut off"  # not ours to guess at; left for a person
+
+
+def test_a_part_with_nothing_whole_on_disk_is_empty_not_unreadable(tmp_path: Path) -> None:
+    part = interrupted_recording(tmp_path, 0.5)
+    part.write_bytes(b"Og")  # a power cut right after the file was made
+    collect = Collect()
+    assert recover_interrupted(tmp_path, EventBus([collect])) == 1
+    assert not part.exists() and not list(tmp_path.rglob("*.unreadable"))
+    (event,) = collect.events
+    assert event["event"] == "recording_recovered" and event["file"] is None
