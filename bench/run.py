@@ -376,6 +376,12 @@ def report(results: dict[str, Any]) -> str:
         "| --- | --- | --- |",
         *[f"| {name} | {value:.1f} | {3600 / value:.0f}x |" for name, value in per_hour.items()],
         "",
+        "Ratio linerec / libopus round by round: "
+        + ", ".join(f"{a / b:.2f}" for a, b in zip(cost["runs"]["linerec"],
+                                                  cost["runs"]["libopus"], strict=True))
+        + ". On a shared machine this ratio moves by about 0.15 from round to round and "
+        "from run to run: compare it with the target with that in mind.",
+        "",
         "- linerec: alsa-lib `file` PCM → `AlsaCapture` → `SampleRing` → `RecordingFile`",
         "  (libopus through opuslib, Ogg pages, `.part` file, fdatasync every page, rename).",
         "- linerec_no_fsync: the same with fdatasync once a minute: the difference is what",

@@ -3,10 +3,13 @@
 A line moves through these states, one tick (one capture period) at a time:
 
     IDLE ──ring──▶ RINGING ──off-hook──▶ DISCLOSING ──disclosure heard──▶ RECORDING
-      ▲                                      │ failed (file, ALSA, loop opened,  │
-      │                                      ▼ outbound)                         │
-      └──────────────── on-hook ──────── UNRECORDED ◀───────────────────────────┘ on-hook ends
-                                                                                   the call too
+     ▲                                        │                                  │  │
+     │                         failed: file, line output,        capture lost (hook │
+     │                         loop opened, capture lost,           went unwatched) │
+     │                         outbound                                          │  │
+     │                                        ▼                                  │  │
+     ├─────────── on-hook ─────────── UNRECORDED ◀────────────────────────────────┘  │
+     └─────────────────────────────────── on-hook ───────────────────────────────────┘
 
 The compliance rule: no sample is ever written unless that call's disclosure has played
 to completion on the line, and nothing captured before it ended is written. It is enforced

@@ -1,18 +1,17 @@
 """The simulated HAT: real alsa-lib on generated PCMs, gpiozero mock pins, a scripted line.
 
 Audio goes through the real ALSA path. Each capture device becomes an alsa-lib ``file``
-PCM over ``null`` whose ``infile`` is a FIFO that the simulated line writes; each line
-output becomes a ``file`` PCM whose output file is a FIFO that the simulated line reads.
-The line mixes what the daemon plays back into what it captures, as the tap and the line
-output sit on the same pair. Hook and ring are gpiozero MockFactory pins that the clock
-drives at their sample positions, so a simulation is deterministic and, unpaced, faster
-than real time.
+PCM over ``null`` whose ``infile`` is a FIFO that the simulated line writes; each playback
+device (the line outputs) becomes a ``file`` PCM whose output file is a FIFO that the
+simulated line reads. The line mixes what the daemon plays back into what it captures, as
+the tap and the line output sit on the same pair. Hook and ring are gpiozero MockFactory
+pins that the clock drives at their sample positions, so a simulation is deterministic
+and, unpaced, faster than real time.
 
-Lock-step: the line writes capture period k only once it has read what the daemon played
-up to the echo delay before that period. alsa-lib's file plugin hands played audio on
-once a full buffer has been written after it, so the echo delay is one playback buffer
-plus one capture period: exactly the latency the daemon allows for
-(``Line._output_latency``).
+Lock-step: the line writes capture period k only once the engine has begun the tick before
+it and what the daemon played then has come out of alsa-lib (its file plugin hands played
+audio on once a full buffer has been written after it). What the daemon plays is heard on
+the line exactly as late as the daemon allows for (``hw.base.output_latency``).
 """
 
 from __future__ import annotations
