@@ -6,6 +6,7 @@ import dataclasses
 import re
 import tomllib
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -291,20 +292,8 @@ def _check_references(config: Config) -> None:
         fail("device_id", "use 1-32 lower-case letters, digits, '-' or '_'")
     if not config.line:
         fail("line", "no lines configured; add at least one [[line]] table")
-    captures: dict[str, CaptureConfig] = {}
-    for i, cap in enumerate(config.capture):
-        if not NAME_PATTERN.match(cap.name):
-            fail(f"capture[{i}].name", "use 1-32 lower-case letters, digits, '-' or '_'")
-        if cap.name in captures:
-            fail(f"capture[{i}].name", f"{cap.name!r} is used twice; names must be unique")
-        captures[cap.name] = cap
-    outputs: dict[str, PlaybackConfig] = {}
-    for i, out in enumerate(config.playback):
-        if not NAME_PATTERN.match(out.name):
-            fail(f"playback[{i}].name", "use 1-32 lower-case letters, digits, '-' or '_'")
-        if out.name in outputs:
-            fail(f"playback[{i}].name", f"{out.name!r} is used twice; names must be unique")
-        outputs[out.name] = out
+    captures: dict[str, CaptureConfig] = _by_name(config.capture, "capture", fail)
+    outputs: dict[str, PlaybackConfig] = _by_name(config.playback, "playback", fail)
     names: set[str] = set()
     pins: dict[int, str] = {}
     taps: dict[tuple[str, int], str] = {}
@@ -359,6 +348,18 @@ def _check_references(config: Config) -> None:
                  f"must be at least hook_debounce_ms + one period "
                  f"({line.hook_debounce_ms + period_ms:g} ms), or a hang-up could pass for bounce")
         check_disclosure(line.disclosure, line.disclosure_max_s, source, f"{where}.disclosure")
+
+
+def _by_name(tables: tuple[Any, ...], key: str, fail: Callable[[str, str], None]) -> dict[str, Any]:
+    """Device tables by their names, which must be well formed and unique."""
+    found: dict[str, Any] = {}
+    for i, table in enumerate(tables):
+        if not NAME_PATTERN.match(table.name):
+            fail(f"{key}[{i}].name", "use 1-32 lower-case letters, digits, '-' or '_'")
+        if table.name in found:
+            fail(f"{key}[{i}].name", f"{table.name!r} is used twice; names must be unique")
+        found[table.name] = table
+    return found
 
 
 def check_disclosure(path: Path, max_s: float, source: str, key: str) -> float:

@@ -26,6 +26,8 @@ def crc_bitwise(data: bytes) -> int:
 
 
 def parse_pages(data: bytes) -> list[dict[str, object]]:
+    """An Ogg reader of the test's own, with the bitwise CRC: the oracle does not share
+    code with the muxer it judges."""
     pages = []
     offset = 0
     while offset < len(data):
