@@ -6,7 +6,9 @@ import contextlib
 import logging
 import math
 import os
+import queue
 import secrets
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +27,47 @@ MAX_REWIND_S = 3.0
 """How far before the audio written so far a recording may still be ended: the longest
 on-hook confirmation (2 s) and the longest period (4096 frames at 8 kHz), with room to
 spare."""
+
+
+class _Syncer(threading.Thread):
+    """fdatasync off the engine thread. An SD card can take hundreds of milliseconds to
+    sync; the engine meanwhile has disclosures to keep playing and other lines to encode.
+    Each request carries a duplicate of the descriptor, so the file stays open for the sync
+    whatever the recording does meanwhile; a failure is handed back to the recording."""
+
+    def __init__(self) -> None:
+        super().__init__(name="recording-sync", daemon=True)
+        self.requests: queue.SimpleQueue[tuple[int, RecordingFile | None]] = (
+            queue.SimpleQueue())
+
+    def run(self) -> None:
+        while True:
+            fd, recording = self.requests.get()
+            try:
+                if recording is not None:
+                    os.fdatasync(fd)
+                else:
+                    os.fsync(fd)
+            except OSError as exc:
+                if recording is not None:
+                    recording.sync_error = exc
+                logger.warning("sync failed: %s", exc)
+            finally:
+                os.close(fd)
+
+
+_syncer: _Syncer | None = None
+_syncer_lock = threading.Lock()
+
+
+def _sync_later(fd: int, recording: RecordingFile | None) -> None:
+    """Queue a sync of (a duplicate of) ``fd``: a recording's data, or a folder."""
+    global _syncer
+    with _syncer_lock:
+        if _syncer is None:
+            _syncer = _Syncer()
+            _syncer.start()
+    _syncer.requests.put((os.dup(fd), recording))
 
 
 class RecordingFile:
@@ -68,7 +111,14 @@ class RecordingFile:
             keep_pages=math.ceil(MAX_REWIND_S * FRAMES_PER_SECOND / packets_per_page) + 2,
         )
         self._file.flush()
-        fsync_dir(path.parent)  # the .part's name survives a power cut, for the recovery
+        # The .part's name must survive a power cut, for the recovery at the next start.
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _sync_later(folder, None)
+        finally:
+            os.close(folder)
+        self.sync_error: OSError | None = None
+        """Set by the sync thread when a sync failed; the next write raises it."""
         self._pages_on_disk = self._writer.pages_written
         self._fsync_every = max(1, round(fsync_interval_s * rate))
         self._synced_at = 0
@@ -79,6 +129,8 @@ class RecordingFile:
 
     def write(self, samples: np.ndarray) -> None:
         """Encode whole 20 ms frames; a partial frame waits for the next call."""
+        if self.sync_error is not None:
+            raise self.sync_error
         self.samples += len(samples)
         pending = np.concatenate([self._carry, samples]) if len(self._carry) else samples
         whole = len(pending) - len(pending) % self._frame
@@ -90,7 +142,7 @@ class RecordingFile:
             self._pages_on_disk = self._writer.pages_written
             self._unsynced = True
         if self._unsynced and self.samples - self._synced_at >= self._fsync_every:
-            os.fdatasync(self._file.fileno())
+            _sync_later(self._file.fileno(), self)
             self._synced_at = self.samples
             self._unsynced = False
 
