@@ -285,7 +285,6 @@ class RepairedStream:
     granule: int
     tags: dict[str, str]
     bytes: int
-    was_complete: bool
 
     @property
     def duration_s(self) -> float:
@@ -305,7 +304,7 @@ def repair_stream(path: Path) -> RepairedStream:
     pages = read_pages(data)
     if not pages and data[:4] == b"OggS"[: len(data[:4])]:
         # Nothing whole reached the disk (a power cut right after the file was made).
-        return RepairedStream(0, 0, 0, {}, len(data), False)
+        return RepairedStream(0, 0, 0, {}, len(data))
     if len(pages) < 2 or not pages[0].packets or not pages[0].packets[0].startswith(b"OpusHead"):
         raise RepairError(f"{path}: no complete Ogg Opus header; nothing to recover")
     head = pages[0].packets[0]
@@ -314,7 +313,7 @@ def repair_stream(path: Path) -> RepairedStream:
     last = pages[-1]
     was_complete = bool(last.header_type & HEADER_EOS)
     if len(pages) == 2:
-        return RepairedStream(input_rate, pre_skip, pre_skip, tags, len(data), False)
+        return RepairedStream(input_rate, pre_skip, pre_skip, tags, len(data))
     with path.open("r+b") as out:
         out.truncate(last.offset + last.length)
         if not was_complete:
@@ -328,4 +327,4 @@ def repair_stream(path: Path) -> RepairedStream:
         out.flush()
         os.fsync(out.fileno())
         size = out.seek(0, os.SEEK_END)
-    return RepairedStream(input_rate, pre_skip, granule, tags, size, was_complete)
+    return RepairedStream(input_rate, pre_skip, granule, tags, size)

@@ -169,9 +169,6 @@ class Config:
     """Broker settings; without them the daemon runs and only logs its events."""
     source: str = field(default="<config>", metadata={"internal": True})
 
-    def capture_by_name(self, name: str) -> CaptureConfig:
-        return next(c for c in self.capture if c.name == name)
-
     def lines_on(self, capture: CaptureConfig) -> tuple[LineConfig, ...]:
         return tuple(line for line in self.line if line.capture == capture.name)
 
