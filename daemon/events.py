@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 
 class EventKind(StrEnum):
     CALL_STARTED = "call_started"
+    CALLER_ID = "caller_id"
+    CALL_ANSWERED = "call_answered"
     DISCLOSURE_STARTED = "disclosure_started"
     DISCLOSURE_COMPLETED = "disclosure_completed"
     DISCLOSURE_FAILED = "disclosure_failed"
@@ -22,6 +24,9 @@ class EventKind(StrEnum):
     RECORDING_STOPPED = "recording_stopped"
     CALL_ENDED = "call_ended"
     RECORDING_RECOVERED = "recording_recovered"
+    RECORDING_DELETED = "recording_deleted"
+    LINE_FAULT = "line_fault"
+    LINE_RECOVERED = "line_recovered"
     ERROR = "error"
 
 
