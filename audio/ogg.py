@@ -261,6 +261,26 @@ def read_pages(data: bytes) -> list[PageInfo]:
     return pages
 
 
+def ogg_packets(data: bytes) -> tuple[list[bytes], int]:
+    """Every packet of a single-stream Ogg file, joined across pages where one continues
+    on the next, and the last page's granule position."""
+    packets: list[bytes] = []
+    pending = b""
+    granule = 0
+    for page in read_pages(data):
+        count = data[page.offset + 26]
+        lacing_values = data[page.offset + 27 : page.offset + 27 + count]
+        at = page.offset + 27 + count
+        for value in lacing_values:
+            pending += data[at : at + value]
+            at += value
+            if value < 255:
+                packets.append(pending)
+                pending = b""
+        granule = page.granule
+    return packets, granule
+
+
 def parse_opus_tags(packet: bytes) -> dict[str, str]:
     """The user comments of an OpusTags packet, keys upper-case."""
     if not packet.startswith(b"OpusTags"):

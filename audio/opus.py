@@ -40,3 +40,38 @@ class VoiceEncoder:
             raise ValueError(f"an Opus frame is {self.frame_samples} samples, got {len(frame)}")
         pcm = frame.tobytes() if frame.dtype == _PCM else frame.astype(_PCM).tobytes()
         return bytes(self._encoder.encode(pcm, self.frame_samples))
+
+
+_DECODE_RATES = (8000, 12000, 16000, 24000, 48000)
+_MAX_FRAME_MS = 120
+
+
+def decode_ogg_opus(data: bytes, rate: int) -> np.ndarray:
+    """An Ogg Opus file (RFC 7845) decoded to mono int16 at ``rate`` (a rate libopus
+    decodes to directly), pre-skip and end trim applied. Raises ValueError when the file
+    is not Ogg Opus or does not decode."""
+    from linerec.audio.ogg import ogg_packets
+
+    if rate not in _DECODE_RATES:
+        raise ValueError(f"Opus decodes to {_DECODE_RATES} Hz, not {rate}")
+    packets, last_granule = ogg_packets(data)
+    if len(packets) < 2 or not packets[0].startswith(b"OpusHead") or len(packets[0]) < 19:
+        raise ValueError("not an Ogg Opus file (no OpusHead)")
+    channels = packets[0][9]
+    pre_skip = int.from_bytes(packets[0][10:12], "little")
+    if channels not in (1, 2) or packets[0][18] != 0:
+        raise ValueError("only mono or stereo Opus (channel mapping family 0) is supported")
+    decoder = opuslib.Decoder(rate, channels)
+    frame = rate * _MAX_FRAME_MS // 1000
+    pcm = bytearray()
+    try:
+        for packet in packets[2:]:
+            pcm += decoder.decode(packet, frame)
+    except opuslib.OpusError as exc:
+        raise ValueError(f"the Opus audio does not decode: {exc}") from exc
+    samples = np.frombuffer(bytes(pcm), dtype=_PCM)
+    if channels == 2:
+        samples = samples.reshape(-1, 2).mean(axis=1).astype(np.int16)
+    skip = pre_skip * rate // 48000
+    end = max(0, (last_granule - pre_skip) * rate // 48000) if last_granule > 0 else None
+    return samples[skip:][:end] if end is not None else samples[skip:]

@@ -79,7 +79,46 @@ def to_int16(samples: np.ndarray) -> np.ndarray:
     return np.clip(np.round(samples * 32767.0), -32768, 32767).astype(np.int16)
 
 
+OPUS_DECODE_RATE = 48000
+"""Opus files are decoded at 48 kHz, then resampled like a WAV file of that rate."""
+
+
+def read_audio_file(path: Path) -> bytes:
+    """An audio file's bytes; AudioFileError names it when it is missing or unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise AudioFileError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise AudioFileError(f"{path}: cannot be read: {exc}") from exc
+
+
+def read_audio(path: Path, data: bytes | None = None) -> tuple[np.ndarray, int]:
+    """A WAV or Ogg Opus file as mono float64 samples in [-1, 1] and its sample rate."""
+    if data is None:
+        data = read_audio_file(path)
+    if not data.startswith(b"OggS"):
+        return read_wav(path, data)
+    # Imported here: reading WAV files needs no libopus.
+    from linerec.audio.opus import decode_ogg_opus
+
+    try:
+        samples = decode_ogg_opus(data, OPUS_DECODE_RATE)
+    except ValueError as exc:
+        raise AudioFileError(f"{path}: not a usable Ogg Opus file ({exc}); convert it with: "
+                             f"opusenc '{path}' out.opus, or use a WAV file") from exc
+    if len(samples) == 0:
+        raise AudioFileError(f"{path}: the file holds no audio")
+    return samples.astype(np.float64) / 32768.0, OPUS_DECODE_RATE
+
+
+def audio_seconds(path: Path) -> float:
+    """How long a WAV or Ogg Opus file plays; raises AudioFileError when it does not decode."""
+    samples, rate = read_audio(path)
+    return len(samples) / rate
+
+
 def load_line_audio(path: Path, rate: int, data: bytes | None = None) -> np.ndarray:
-    """A WAV file as mono int16 at the line's sample rate."""
-    samples, file_rate = read_wav(path, data)
+    """A WAV or Ogg Opus file as mono int16 at the line's sample rate."""
+    samples, file_rate = read_audio(path, data)
     return to_int16(resample(samples, file_rate, rate))

@@ -24,9 +24,9 @@ logger = logging.getLogger(__name__)
 
 
 MAX_REWIND_S = 3.0
-"""How far before the audio written so far a recording may still be ended: the longest
-on-hook confirmation (2 s) and the longest period (4096 frames at 8 kHz), with room to
-spare."""
+"""How far before the audio written so far a recording may by default still be ended: the
+longest on-hook confirmation (2 s) and the longest period (4096 frames at 8 kHz), with
+room to spare."""
 
 
 class _Syncer(threading.Thread):
@@ -90,6 +90,7 @@ class RecordingFile:
         fsync_interval_s: float,
         vendor: str,
         tags: Mapping[str, str],
+        max_rewind_s: float = MAX_REWIND_S,
     ) -> None:
         self.path = path
         self.part_path = path.with_name(path.name + PART_SUFFIX)
@@ -108,7 +109,7 @@ class RecordingFile:
             tags=tags,
             serial=secrets.randbits(32),
             packets_per_page=packets_per_page,
-            keep_pages=math.ceil(MAX_REWIND_S * FRAMES_PER_SECOND / packets_per_page) + 2,
+            keep_pages=math.ceil(max_rewind_s * FRAMES_PER_SECOND / packets_per_page) + 2,
         )
         self._file.flush()
         # The .part's name must survive a power cut, for the recovery at the next start.
@@ -148,7 +149,7 @@ class RecordingFile:
 
     def close(self, end: int | None = None) -> int:
         """Finish the stream after ``end`` samples (default: all written), make it durable
-        and give it its final name; returns its size. ``end`` may lie up to MAX_REWIND_S
+        and give it its final name; returns its size. ``end`` may lie up to ``max_rewind_s``
         before the samples written: the stream is then cut back."""
         end = self.samples if end is None else end
         if not 0 <= end <= self.samples:

@@ -1,18 +1,22 @@
-"""The `linerec` command: run, check-config, simulate, demo."""
+"""The `linerec` command: run, check-config, simulate, demo, verify, recordings."""
 
 from __future__ import annotations
 
 import argparse
 import faulthandler
+import json
 import logging
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from datetime import date
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from linerec.daemon import __version__
+from linerec.daemon import __version__, archive
 from linerec.daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from linerec.daemon.events import EventBus, EventSink, JsonLinesSink, LogSink
 from linerec.daemon.runtime import Recorder, StorageError
@@ -59,7 +63,75 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="simulate one inbound call with speech")
     _simulation_options(demo)
     demo.set_defaults(handler=cmd_demo, scenario=None)
+
+    verify = sub.add_parser("verify", help="check the receipt chain, the audit log and the "
+                            "recordings' hashes; exit 0 clean, 1 with breaks, 2 usage")
+    verify.add_argument("dir", type=Path, nargs="?", metavar="DIR",
+                        help="recordings folder (default: the config's storage)")
+    verify.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                        help=f"config file naming the storage (default {DEFAULT_CONFIG_PATH})")
+    verify.set_defaults(handler=cmd_verify)
+
+    recordings = sub.add_parser("recordings", help="find, export, delete, hold or release "
+                                "stored calls (see docs/RECEIPTS.md)")
+    rsub = recordings.add_subparsers(metavar="ACTION")
+    recordings.set_defaults(handler=lambda args: _usage(recordings))
+    find = rsub.add_parser("find", help="list the calls that match")
+    _storage_options(find)
+    _filter_options(find)
+    find.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    find.set_defaults(handler=cmd_find)
+    export = rsub.add_parser("export", help="copy calls (recording, receipt, index) to a "
+                             "new folder or .zip")
+    _storage_options(export)
+    _filter_options(export)
+    export.add_argument("call_ids", nargs="*", metavar="CALL_ID",
+                        help="calls to export (instead of the filters)")
+    export.add_argument("-o", "--output", type=Path, metavar="PATH",
+                        help="new folder, or a file ending in .zip")
+    export.add_argument("--reason", default="", help="why (kept in the audit log; no names "
+                        "or numbers)")
+    export.set_defaults(handler=cmd_export)
+    delete = rsub.add_parser("delete", help="delete calls for good (audited)")
+    _storage_options(delete)
+    delete.add_argument("call_ids", nargs="+", metavar="CALL_ID")
+    delete.add_argument("--reason", default="", help="why (required; kept in the audit log; "
+                        "no names or numbers)")
+    delete.set_defaults(handler=cmd_delete)
+    hold = rsub.add_parser("hold", help="legal hold: retention keeps these calls")
+    _storage_options(hold)
+    hold.add_argument("call_ids", nargs="+", metavar="CALL_ID")
+    hold.add_argument("--reason", default="", help="why (required; kept in the audit log)")
+    hold.set_defaults(handler=cmd_hold)
+    release = rsub.add_parser("release", help="end a legal hold")
+    _storage_options(release)
+    release.add_argument("call_ids", nargs="+", metavar="CALL_ID")
+    release.add_argument("--reason", default="", help="why (kept in the audit log)")
+    release.set_defaults(handler=cmd_release)
     return parser
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_CONFIG
+
+
+def _storage_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
+                       help=f"config file naming the storage (default {DEFAULT_CONFIG_PATH})")
+    where.add_argument("--storage", type=Path, metavar="DIR",
+                       help="recordings folder (instead of the config's storage)")
+
+
+def _filter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--number", help="caller's or dialled number; * and ? are wildcards "
+                        "(e.g. '+3120*'); spaces and dashes are ignored")
+    parser.add_argument("--from", dest="date_from", metavar="YYYY-MM-DD",
+                        help="calls started on or after this day (UTC)")
+    parser.add_argument("--to", dest="date_to", metavar="YYYY-MM-DD",
+                        help="calls started on or before this day (UTC)")
+    parser.add_argument("--line", help="the line's name")
 
 
 def _simulation_options(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +273,192 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"Receipt:   {Path(path).resolve().with_suffix('.json')}")
         print("Play it in any Ogg Opus player, e.g. `opusdec --quiet FILE - | aplay` or a browser.")
     return status
+
+
+class UsageError(Exception):
+    """A bad argument or setting: one line for the user, exit status 2."""
+
+
+_DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+
+
+def _date(option: str, value: str | None) -> date | None:
+    if value is None:
+        return None
+    try:
+        if not _DATE.fullmatch(value):
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError:
+        hint = ("; an export's destination is -o/--output PATH"
+                if option == "--to" and ("/" in value or value.endswith(".zip")) else "")
+        raise UsageError(f"{option}: {value!r} is not a date; write it as YYYY-MM-DD, like "
+                         f"2026-11-29{hint}") from None
+
+
+def _storage(args: argparse.Namespace) -> Path:
+    if getattr(args, "storage", None) is not None:
+        storage = Path(args.storage)
+        option = "--storage"
+    else:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            raise UsageError(f"{exc} (or name the recordings folder with --storage DIR)") \
+                from None
+        storage = config.storage
+        # Numbers are compared as the number rules compare them.
+        args.country_code = config.numbers.country_code
+        option = f"the storage of {args.config}"
+    if not storage.is_dir():
+        raise UsageError(f"{option}: {storage} is not a folder; pass the recordings folder")
+    return storage
+
+
+def _selection(args: argparse.Namespace) -> archive.CallFilter:
+    """Call after _storage, which knows the config's country code."""
+    try:
+        return archive.CallFilter(number=args.number,
+                                  date_from=_date("--from", args.date_from),
+                                  date_to=_date("--to", args.date_to), line=args.line,
+                                  country_code=getattr(args, "country_code", "31"))
+    except ValueError as exc:
+        option = "--number" if args.number is not None and "number" in str(exc) else \
+            "--from/--to"
+        raise UsageError(f"{option}: {exc}") from None
+
+
+def _recordings_command(action: Callable[[argparse.Namespace], int]) \
+        -> Callable[[argparse.Namespace], int]:
+    """Usage errors are one line and exit 2; a failed disk operation is one line and 1."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return action(args)
+        except (UsageError, archive.ArchiveError) as exc:
+            print(f"linerec: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except OSError as exc:
+            print(f"linerec: {exc}", file=sys.stderr)
+            return 1
+    return run
+
+
+@_recordings_command
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.dir is not None:
+        storage = args.dir
+        if not storage.is_dir():
+            raise UsageError(f"DIR: {storage} is not a folder; pass the recordings folder")
+    else:
+        storage = _storage(args)
+    result = archive.verify(storage)
+    for found in result.breaks:
+        print(found)
+    summary = (f"{storage}: {result.sealed} sealed receipt(s), {result.deleted} deletion(s), "
+               f"{result.lines} audit log line(s)")
+    if result.breaks:
+        print(f"{summary}: {len(result.breaks)} break(s)", file=sys.stderr)
+        return 1
+    print(f"{summary}: no breaks")
+    return 0
+
+
+@_recordings_command
+def cmd_find(args: argparse.Namespace) -> int:
+    _selection(args)  # first: a mistyped date is named before the config is read
+    storage = _storage(args)
+    selection = _selection(args)
+    calls = archive.find_calls(storage, selection)
+    holds = archive.current_holds(storage)
+    rows = [_summary(call, call.call_id in holds) for call in calls]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        number = row["number"] or f"({row['number_unknown'] or 'unknown'})"
+        seconds = None if row["duration_s"] is None else round(row["duration_s"])
+        duration = "-" if seconds is None else f"{seconds // 60}:{seconds % 60:02d}"
+        flags = " ".join(flag for flag in (
+            "HELD" if row["held"] else "",
+            row["state"] if row["state"] != "closed" else "",
+            "" if row["recording"] else "not recorded") if flag)
+        print(f"{row['call_id']}  {row['line']:<8} {row['direction'] or '-':<8} "
+              f"{number:<20} {duration:>7}  keep until {row['retention_until'] or '-'}"
+              f"{'  ' + flags if flags else ''}")
+    print(f"{len(rows)} call(s)", file=sys.stderr)
+    return 0
+
+
+def _summary(call: archive.Call, held: bool) -> dict[str, Any]:
+    receipt = call.receipt
+    number = archive.section(receipt, "number")
+    recording = archive.section(receipt, "recording")
+    file = call.recording_file
+    return {
+        "call_id": call.call_id,
+        "started_at": receipt.get("started_at"),
+        "ended_at": receipt.get("ended_at"),
+        "line": receipt.get("line"),
+        "direction": receipt.get("direction"),
+        "number": call.number,
+        "number_unknown": number.get("unknown_reason"),
+        "state": call.state,
+        "duration_s": recording.get("duration_s") if file else None,
+        "recording": str(file) if file else None,
+        "receipt": str(call.receipt_path),
+        "retention_until": receipt.get("retention_until"),
+        "held": held,
+    }
+
+
+@_recordings_command
+def cmd_export(args: argparse.Namespace) -> int:
+    selection = _selection(args)  # first: `--to out.zip` is answered with a hint
+    if args.output is None:
+        raise UsageError("--output PATH is required: a new folder, or a file ending in .zip")
+    filters = (args.number, args.date_from, args.date_to, args.line)
+    if args.call_ids and any(value is not None for value in filters):
+        raise UsageError("give either CALL_IDs or filters (--number, --from, --to, --line), "
+                         "not both")
+    if not args.call_ids and all(value is None for value in filters):
+        raise UsageError("say what to export: CALL_IDs, or filters (--number, --from, --to, "
+                         "--line); `linerec recordings find` shows what they select")
+    storage = _storage(args)
+    selection = _selection(args)  # again, with the config's country code
+    if args.call_ids:
+        calls = archive.resolve_calls(storage, args.call_ids)
+    else:
+        calls = archive.find_calls(storage, selection)
+        if not calls:
+            raise UsageError("no call matches these filters; nothing exported")
+    done = archive.export_calls(storage, calls, args.output, reason=args.reason)
+    print(f"exported {len(done.call_ids)} call(s), {done.files} file(s) to {done.destination}")
+    return 0
+
+
+@_recordings_command
+def cmd_delete(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    for done in archive.delete_calls(storage, args.call_ids, args.reason):
+        print(f"deleted {done.call_id}: {', '.join(done.files) or 'no files left'}")
+    return 0
+
+
+@_recordings_command
+def cmd_hold(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    held = archive.hold_calls(storage, args.call_ids, args.reason)
+    for call_id in dict.fromkeys(args.call_ids):
+        print(f"{'on hold' if call_id in held else 'already on hold'}: {call_id}")
+    return 0
+
+
+@_recordings_command
+def cmd_release(args: argparse.Namespace) -> int:
+    storage = _storage(args)
+    for call_id in archive.release_calls(storage, args.call_ids, args.reason):
+        print(f"released: {call_id}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,10 +8,12 @@ import tomllib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from linerec.audio.pcm import AudioFileError, read_wav
+from linerec.audio.pcm import AudioFileError, audio_seconds
+from linerec.daemon.numbers import plain_number
 
 DEFAULT_CONFIG_PATH = Path("/etc/linerec/linerec.toml")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
@@ -114,8 +116,9 @@ class LineConfig:
     """BCM GPIO of the ring detector."""
     led_pin: int = field(metadata=_range(0, 53))
     """BCM GPIO of the recording LED."""
-    disclosure: Path
-    """WAV file announcing that the call is recorded and for what purpose."""
+    disclosure: str
+    """Name of the [[disclosure]] played on this line's calls (inbound, and outbound
+    unless ``outbound_disclosure`` names another)."""
     channel: int = field(default=0, metadata=_range(0, 31))
     """Channel of the capture device that carries this line (0-based)."""
     playback_channel: int = field(default=0, metadata=_range(0, 31))
@@ -131,8 +134,87 @@ class LineConfig:
     or hook-flash (milliseconds)."""
     ring_window_s: float = field(default=6.0, metadata=_range(1.0, 30.0))
     """Off-hook within this time after a ring answers an inbound call (seconds)."""
-    disclosure_max_s: float = field(default=30.0, metadata=_range(1.0, 120.0))
-    """Longest disclosure accepted (seconds)."""
+    outbound_disclosure: str = ""
+    """Name of the [[disclosure]] for calls this line makes; empty: ``disclosure``."""
+    polarity_pin: int | None = field(default=None, metadata=_range(0, 53))
+    """BCM GPIO of the line polarity detector, where the HAT has one: the exchange
+    reverses the polarity when the far end answers an outbound call."""
+    polarity_active_high: bool = True
+    """True when the polarity input reads high while the polarity is reversed."""
+    answer_timeout_s: float = field(default=60.0, metadata=_range(5.0, 600.0))
+    """An outbound call whose answer is not detected within this time after off-hook is
+    not recorded: no disclosure could be timed to reach the far end (seconds)."""
+    busy_tone_end_s: float = field(default=4.0, metadata=_range(2.0, 60.0))
+    """The busy (disconnect) tone heard this long while the handset stays off-hook ends
+    the call: the far end hung up (seconds)."""
+    verify_min_score: float = field(default=0.3, metadata=_range(0.05, 0.99))
+    """Lowest correlation between the played disclosure and what the tap heard on the
+    line for the disclosure to count as heard (0 nothing, 1 exactly)."""
+
+    @property
+    def disclosure_for(self) -> dict[str, str]:
+        """The disclosure's name by call direction."""
+        return {"inbound": self.disclosure,
+                "outbound": self.outbound_disclosure or self.disclosure}
+
+
+LAWFUL_BASES = ("contract", "legitimate_interests", "legal_obligation", "consent",
+                "vital_interests", "public_task")
+"""GDPR article 6(1) (b), (f), (c), (a), (d), (e)."""
+LANGUAGE_PATTERN = re.compile(r"^[a-z]{2,3}$")
+NUMBER_PATTERN = re.compile(r"^\+?[0-9*?#ABCD]+$")
+"""A phone number or number rule once spaces, dashes, dots and brackets are taken out."""
+
+
+@dataclass(frozen=True)
+class PurposeConfig:
+    name: str
+    """Name that disclosures refer to."""
+    text: str
+    """The purpose as the disclosure tells it, for receipts and records of processing."""
+    lawful_basis: str = field(metadata={"choices": LAWFUL_BASES})
+    """GDPR article 6 basis: contract, legitimate_interests, legal_obligation, consent,
+    vital_interests or public_task."""
+    retention_days: int = field(metadata=_range(1, 3650))
+    """Days a recording made for this purpose is kept; then it is deleted."""
+
+
+@dataclass(frozen=True)
+class DisclosurePart:
+    language: str
+    """ISO 639-1 code of the language this part speaks (nl, en, ...)."""
+    file: Path | None = None
+    """WAV or Ogg Opus file, any rate; empty: the example that ships for nl or en."""
+
+
+@dataclass(frozen=True)
+class DisclosureConfig:
+    name: str
+    """Name that lines refer to."""
+    purpose: str
+    """Name of the [[purpose]] this disclosure announces."""
+    parts: tuple[DisclosurePart, ...]
+    """One part per language, played in this order."""
+    pause_ms: int = field(default=400, metadata=_range(0, 3000))
+    """Silence between two languages (milliseconds)."""
+    max_s: float = field(default=30.0, metadata=_range(1.0, 120.0))
+    """Longest disclosure accepted, all parts and pauses together (seconds)."""
+
+    @property
+    def languages(self) -> list[str]:
+        return [part.language for part in self.parts]
+
+
+@dataclass(frozen=True)
+class NumbersConfig:
+    never_record: tuple[str, ...] = ()
+    """Numbers whose calls play no disclosure and are never recorded (a doctor, the works
+    council). ``*`` stands for any digits, ``?`` for one."""
+    only_record: tuple[str, ...] = ()
+    """When not empty, only calls with these numbers are recorded; the others, and calls
+    whose number is unknown, are not."""
+    country_code: str = "31"
+    """Country calling code of the lines: +31 20 123 and 020 123 are the same number."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +243,12 @@ class Config:
     """The ALSA playback devices (the line outputs)."""
     line: tuple[LineConfig, ...]
     """The telephone lines."""
+    purpose: tuple[PurposeConfig, ...] = ()
+    """Why calls are recorded: each disclosure announces one purpose (at least one)."""
+    disclosure: tuple[DisclosureConfig, ...] = ()
+    """The notices played before recording (at least one)."""
+    numbers: NumbersConfig = NumbersConfig()
+    """Which numbers are never, or only, recorded."""
     device_id: str = "linerec"
     """This appliance's name in MQTT topics and events."""
     audio: AudioConfig = AudioConfig()
@@ -177,6 +265,12 @@ class Config:
 
     def lines_playing_on(self, playback: PlaybackConfig) -> tuple[LineConfig, ...]:
         return tuple(line for line in self.line if line.playback == playback.name)
+
+    def disclosure_by_name(self, name: str) -> DisclosureConfig:
+        return next(d for d in self.disclosure if d.name == name)
+
+    def purpose_by_name(self, name: str) -> PurposeConfig:
+        return next(p for p in self.purpose if p.name == name)
 
 
 def load_config(path: Path) -> Config:
@@ -234,6 +328,10 @@ def _convert(
         return _convert(inner[0], value, f, source, key, base)
     if origin is tuple:
         item = get_args(hint)[0]
+        if item is str:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(source, key, 'expected a list of strings, like ["a", "b"]')
+            return tuple(value)
         if not isinstance(value, list):
             raise ConfigError(source, key, f"expected a list of tables ([[{key}]])")
         return tuple(
@@ -256,7 +354,7 @@ def _convert(
     if hint in (str, Secret):
         if not isinstance(value, str):
             raise ConfigError(source, key, "expected a string in quotes")
-        return hint(value)
+        return _in_range(hint(value), f, source, key)
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(source, key, "expected a path in quotes")
@@ -265,7 +363,7 @@ def _convert(
     raise TypeError(f"no converter for {hint}")  # pragma: no cover - schema bug
 
 
-def _in_range(value: float, f: dataclasses.Field[Any], source: str, key: str) -> Any:
+def _in_range(value: Any, f: dataclasses.Field[Any], source: str, key: str) -> Any:
     lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
     if choices is not None and value not in choices:
         allowed = ", ".join(str(c) for c in choices)
@@ -291,6 +389,20 @@ def _check_references(config: Config) -> None:
         fail("line", "no lines configured; add at least one [[line]] table")
     captures: dict[str, CaptureConfig] = _by_name(config.capture, "capture", fail)
     outputs: dict[str, PlaybackConfig] = _by_name(config.playback, "playback", fail)
+    purposes: dict[str, PurposeConfig] = _by_name(config.purpose, "purpose", fail)
+    if not purposes:
+        fail("purpose", "no purpose configured; add a [[purpose]] table that says why calls "
+             "are recorded, on what lawful basis and for how long (docs/CONFIG.md)")
+    disclosures: dict[str, DisclosureConfig] = _by_name(config.disclosure, "disclosure", fail)
+    for i, disclosure in enumerate(config.disclosure):
+        _check_disclosure(disclosure, purposes, source, f"disclosure[{i}]")
+    for key in ("never_record", "only_record"):
+        for i, rule in enumerate(getattr(config.numbers, key)):
+            if not NUMBER_PATTERN.match(plain_number(rule)):
+                fail(f"numbers.{key}[{i}]", f"{rule!r} is not a number rule; use digits, a "
+                     "leading +, * for any digits and ? for one digit")
+    if not config.numbers.country_code.isdigit():
+        fail("numbers.country_code", "use the digits of the country calling code, like \"31\"")
     names: set[str] = set()
     pins: dict[int, str] = {}
     taps: dict[tuple[str, int], str] = {}
@@ -344,7 +456,16 @@ def _check_references(config: Config) -> None:
             fail(f"{where}.onhook_confirm_ms",
                  f"must be at least hook_debounce_ms + one period "
                  f"({line.hook_debounce_ms + period_ms:g} ms), or a hang-up could pass for bounce")
-        check_disclosure(line.disclosure, line.disclosure_max_s, source, f"{where}.disclosure")
+        for key, name in (("disclosure", line.disclosure),
+                          ("outbound_disclosure", line.outbound_disclosure)):
+            if name and name not in disclosures:
+                fail(f"{where}.{key}", f"no [[disclosure]] is named {name!r}; named: "
+                     f"{', '.join(disclosures) or 'none'}")
+        if line.polarity_pin is not None:
+            if line.polarity_pin in pins:
+                fail(f"{where}.polarity_pin",
+                     f"GPIO {line.polarity_pin} is already used as {pins[line.polarity_pin]}")
+            pins[line.polarity_pin] = f"{line.name}.polarity_pin"
 
 
 def _by_name(tables: tuple[Any, ...], key: str, fail: Callable[[str, str], None]) -> dict[str, Any]:
@@ -359,15 +480,44 @@ def _by_name(tables: tuple[Any, ...], key: str, fail: Callable[[str, str], None]
     return found
 
 
-def check_disclosure(path: Path, max_s: float, source: str, key: str) -> float:
-    """A disclosure must exist, decode and be short enough; returns its length (seconds)."""
-    try:
-        samples, rate = read_wav(path)
-    except AudioFileError as exc:
-        raise ConfigError(source, key, str(exc)) from exc
-    seconds = len(samples) / rate
-    if seconds > max_s:
-        raise ConfigError(
-            source, key, f"{path} lasts {seconds:.1f} s, over disclosure_max_s = {max_s}"
-        )
-    return seconds
+def packaged_disclosure(language: str) -> Path:
+    """The example disclosure that ships with linerec for a language (generated speech);
+    scripts/make-disclosures has its text."""
+    return Path(str(files("linerec.audio") / "disclosures" / f"{language}.wav"))
+
+
+PACKAGED_LANGUAGES = ("en", "nl")
+
+
+def disclosure_files(disclosure: DisclosureConfig) -> list[Path]:
+    """The audio files of a disclosure's parts, in playing order."""
+    return [part.file or packaged_disclosure(part.language) for part in disclosure.parts]
+
+
+def _check_disclosure(disclosure: DisclosureConfig, purposes: dict[str, PurposeConfig],
+                      source: str, where: str) -> None:
+    if disclosure.purpose not in purposes:
+        raise ConfigError(source, f"{where}.purpose",
+                          f"no [[purpose]] is named {disclosure.purpose!r}; named: "
+                          f"{', '.join(purposes)}")
+    if not disclosure.parts:
+        raise ConfigError(source, f"{where}.parts", "add at least one part: "
+                          'parts = [{ language = "nl", file = "disclosure-nl.wav" }]')
+    seconds = disclosure.pause_ms / 1000 * (len(disclosure.parts) - 1)
+    for i, part in enumerate(disclosure.parts):
+        key = f"{where}.parts[{i}]"
+        if not LANGUAGE_PATTERN.match(part.language):
+            raise ConfigError(source, f"{key}.language",
+                              f"{part.language!r} is not an ISO 639-1 code like nl or en")
+        if part.file is None and part.language not in PACKAGED_LANGUAGES:
+            raise ConfigError(source, f"{key}.file", "required: linerec ships example "
+                              f"disclosures only for {', '.join(PACKAGED_LANGUAGES)}")
+        path = part.file or packaged_disclosure(part.language)
+        try:
+            seconds += audio_seconds(path)
+        except AudioFileError as exc:
+            raise ConfigError(source, f"{key}.file", str(exc)) from exc
+    if seconds > disclosure.max_s:
+        raise ConfigError(source, f"{where}.max_s",
+                          f"the disclosure lasts {seconds:.1f} s with its pauses, over "
+                          f"max_s = {disclosure.max_s}; shorten it or raise max_s")

@@ -72,6 +72,8 @@ MESSAGE_IDS = {
     EventKind.CALL_STARTED: "6f1c2d0e8a5b4c7e9d3f2a1b0c4d5e6f",
     EventKind.DISCLOSURE_FAILED: "0b7e4f2a9c1d4e8fa6b3c5d7e9f1a2b4",
     EventKind.RECORDING_STOPPED: "3a5c7e9f1b2d4f6a8c0e2a4c6e8fab1d",
+    EventKind.LINE_FAULT: "81df127031f14e39a4b8a4b21ca924b6",
+    EventKind.RECORDING_DELETED: "c3a3e97070ce4416b0e32d049a75fab4",
 }
 
 
@@ -91,7 +93,8 @@ class LogSink:
         message_id = MESSAGE_IDS.get(EventKind(kind))
         if message_id:
             extra["MESSAGE_ID"] = message_id
-        level = logging.WARNING if kind in ("disclosure_failed", "error") else logging.INFO
+        level = (logging.WARNING if kind in ("disclosure_failed", "error", "line_fault")
+                 else logging.INFO)
         self._log.log(level, "%s line=%s call=%s %s", kind, event.get("line"),
                       event.get("call_id"), json.dumps(details, sort_keys=True), extra=extra)
 

@@ -2,60 +2,96 @@
 
 A line moves through these states, one tick (one capture period) at a time:
 
-    IDLE ──ring──▶ RINGING ──off-hook──▶ DISCLOSING ──disclosure heard──▶ RECORDING
-     ▲                                        │                                  │  │
-     │                         failed: file, line output,        capture lost (hook │
-     │                         loop opened, capture lost,           went unwatched) │
-     │                         outbound                                          │  │
-     │                                        ▼                                  │  │
-     ├─────────── on-hook ─────────── UNRECORDED ◀────────────────────────────────┘  │
-     └─────────────────────────────────── on-hook ───────────────────────────────────┘
+    IDLE ──ring──▶ RINGING ──off-hook──────────────────────┐ (inbound: notice at off-hook)
+     │                                                     ▼
+     └──off-hook, no ring──▶ DIALLING ──far end answers──▶ DISCLOSING ──heard──▶ RECORDING
+                               │  (outbound: digits,       │                        │
+                               │   ringback, polarity)     │ failed: file, output,  │ capture
+                               │                           │ not heard, loop open,  │ lost
+                               │ no answer, busy,          │ busy tone              │
+                               ▼ never-record number       ▼                        ▼
+                             UNRECORDED ◀───────────────────────────────────────────┘
+    Every off-hook state ends the call on on-hook (back to IDLE), or on a held busy tone:
+    the far end is gone while the handset stays off-hook (CLEARED until on-hook).
 
 The compliance rule: no sample is ever written unless that call's disclosure has played
-to completion on the line, and nothing captured before it ended is written. It is enforced
-in exactly one place, ``_arm_recording``, which needs the ``DisclosureHeard`` proof that
-only ``_complete_disclosure`` creates, and starts the recording at the first sample after
-the disclosure left the line.
+to completion on the line and the tap heard it there, and nothing captured before it
+ended is written. It is enforced in exactly one place, ``_arm_recording``, which needs
+the ``DisclosureHeard`` proof that only ``_complete_disclosure`` creates, and starts the
+recording at the first sample after the disclosure left the line.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from linerec.audio.pcm import load_line_audio
+from linerec.audio.callerid import CallerId, DtmfClipParser, FskCallerIdDecoder
+from linerec.audio.dtmf import DtmfDetector
+from linerec.audio.pcm import AudioFileError
+from linerec.audio.progress import CallProgress
 from linerec.audio.recording import RecordingFile
 from linerec.audio.ring import RingOverrun, SampleRing
 from linerec.daemon import __version__
 from linerec.daemon.config import AudioConfig, LineConfig
+from linerec.daemon.disclosure import DisclosureLibrary, EchoCheck, PreparedDisclosure
 from linerec.daemon.events import EventBus, EventKind, iso_ms, make_event
+from linerec.daemon.numbers import NEVER_RECORD, NumberRules
 from linerec.daemon.paths import new_call_id, receipt_path, recording_path
 from linerec.daemon.playback import OutputChannel, WriteTicket
-from linerec.daemon.receipt import write_receipt
+from linerec.daemon.receipt import file_sha256, seal_receipt, write_receipt
 from linerec.hw.base import BinaryInput, Clock, HardwareError, Indicator, output_latency
 
 logger = logging.getLogger(__name__)
+
+RECEIPT_SCHEMA = "linerec-receipt/1"
+FAULT_AFTER_FAILURES = 3
+"""A line whose disclosure fails this many calls in a row (for reasons of the line, not of
+the caller) is in fault: its LED blinks until a disclosure is heard again."""
+FAULT_BLINK_S = (0.2, 0.8)
+CALLER_ID_KEEP_S = 10.0
+"""A caller id with no ringing after it is forgotten after this long (seconds)."""
+PULSE_BREAK_MAX_MS = 85
+"""A loop break up to this long is a dial pulse (60 ms at 10 pulses/s); a longer one that
+is shorter than an on-hook is a hook-flash."""
+PULSE_DIGIT_GAP_MS = 300
+"""The loop closed this long after a pulse ends the digit (pulses are 40 ms apart)."""
 
 
 class LineState(StrEnum):
     IDLE = "idle"
     RINGING = "ringing"
+    DIALLING = "dialling"
+    """Outbound: off-hook without ringing; waiting for the far end to answer."""
     DISCLOSING = "disclosing"
     RECORDING = "recording"
     UNRECORDED = "unrecorded"
-    """Off-hook, call going on, nothing recorded: the disclosure failed or was not possible."""
+    """Off-hook, call going on, nothing recorded: the disclosure failed, was not possible
+    or a number rule says no."""
+    CLEARED = "cleared"
+    """The far end hung up (busy tone) while the handset stays off-hook."""
 
 
 class HookEdge(Enum):
     OFFHOOK = "offhook"
     ONHOOK = "onhook"
+    BREAK = "break"
+    """The loop opened and closed again before an on-hook: a dial pulse or a hook-flash."""
+
+
+@dataclass(frozen=True)
+class HookEvent:
+    edge: HookEdge
+    at: int
+    """Sample position where the new level began."""
+    length: int = 0
+    """For a break: how long the loop was open (samples)."""
 
 
 class HookFilter:
@@ -75,21 +111,24 @@ class HookFilter:
         self._raw_since = 0
         self._end = 0
 
-    def update(self, start: int, frames: int, raw_offhook: bool) -> tuple[HookEdge, int] | None:
+    def update(self, start: int, frames: int, raw_offhook: bool) -> HookEvent | None:
         """Feed the level seen for samples [start, start + frames); returns a confirmed edge
-        and the sample position where it began."""
+        or a loop break that just ended."""
+        event = None
         if raw_offhook != self._raw:
+            if raw_offhook and self.offhook and start - self._raw_since >= max(self.debounce, 1):
+                event = HookEvent(HookEdge.BREAK, self._raw_since, start - self._raw_since)
             self._raw = raw_offhook
             self._raw_since = start
         self._end = start + frames
         held = self._end - self._raw_since
         if not self.offhook and raw_offhook and held >= max(self.debounce, 1):
             self.offhook = True
-            return HookEdge.OFFHOOK, self._raw_since
+            return HookEvent(HookEdge.OFFHOOK, self._raw_since)
         if self.offhook and not raw_offhook and held >= self.onhook_confirm:
             self.offhook = False
-            return HookEdge.ONHOOK, self._raw_since
-        return None
+            return HookEvent(HookEdge.ONHOOK, self._raw_since)
+        return event
 
     @property
     def loop_open(self) -> bool:
@@ -98,10 +137,35 @@ class HookFilter:
         return not self._raw and self._end - self._raw_since >= max(self.debounce, 1)
 
 
+class PulseDialling:
+    """Counts dial pulses (loop breaks) into digits: ten pulses are 0."""
+
+    def __init__(self, rate: int) -> None:
+        self._break_max = PULSE_BREAK_MAX_MS * rate // 1000
+        self._digit_gap = PULSE_DIGIT_GAP_MS * rate // 1000
+        self._pulses = 0
+        self._last_end = 0
+
+    def loop_break(self, at: int, length: int) -> None:
+        if length <= self._break_max:
+            self._pulses += 1
+            self._last_end = at + length
+        else:  # a hook-flash: whatever was being dialled is not a digit
+            self._pulses = 0
+
+    def digit(self, now: int) -> str | None:
+        """A digit completed by the loop staying closed since the last pulse."""
+        if self._pulses and now - self._last_end >= self._digit_gap:
+            count, self._pulses = self._pulses, 0
+            return str(count % 10) if count <= 10 else None
+        return None
+
+
 @dataclass(frozen=True)
 class DisclosureHeard:
-    """Proof that a call's disclosure played to completion: ``line_end`` is the first
-    capture sample after the last disclosure sample left the line output."""
+    """Proof that a call's disclosure played to completion and the tap heard it on the
+    line: ``line_end`` is the first capture sample after the last disclosure sample left
+    the line output."""
 
     call_id: str
     line_end: int
@@ -113,9 +177,20 @@ class Call:
     direction: str
     offhook_sample: int
     started_at: datetime
-    disclosure_file: Path
-    disclosure_sha256: str | None = None
-    disclosure: np.ndarray | None = None
+    disclosure_name: str
+    number: str | None = None
+    number_source: str | None = None
+    caller_name: str | None = None
+    number_unknown: str | None = None
+    """Why the number is not known."""
+    dialled: str = ""
+    dialled_by: set[str] = field(default_factory=set)
+    rule: str | None = None
+    answered_at: int | None = None
+    answered_by: str | None = None
+    disclosure: PreparedDisclosure | None = None
+    echo: EchoCheck | None = None
+    verification: dict[str, Any] | None = None
     disclosure_first_sample: int | None = None
     """Playback position of the first disclosure sample."""
     disclosure_written: int = 0
@@ -139,6 +214,10 @@ class Call:
         """Has the whole disclosure left the line before capture position ``end``?"""
         return self.disclosure_line_end is not None and end >= self.disclosure_line_end
 
+    @property
+    def playing(self) -> np.ndarray | None:
+        return self.disclosure.audio if self.disclosure is not None else None
+
 
 class Line:
     """A line's call state machine, driven by ``tick`` once per capture period."""
@@ -154,11 +233,14 @@ class Line:
         ring: SampleRing,
         hook: BinaryInput,
         ringer: BinaryInput,
+        polarity: BinaryInput | None,
         led: Indicator,
         output: OutputChannel,
         clock: Clock,
         storage: Path,
         device_id: str,
+        disclosures: DisclosureLibrary,
+        rules: NumberRules,
         events: EventBus,
     ) -> None:
         self.config = config
@@ -170,11 +252,14 @@ class Line:
         self._ring_buffer = ring
         self._hook_input = hook
         self._ring_input = ringer
+        self._polarity_input = polarity
         self._led = led
         self._output = output
         self._clock = clock
         self._storage = storage
         self._device_id = device_id
+        self._disclosures = disclosures
+        self._rules = rules
         self._events = events
         ms = self._rate // 1000
         self._hook = HookFilter(
@@ -183,10 +268,19 @@ class Line:
         self._output_latency = output_latency(
             capture_period=capture_period, capture_buffer=capture_buffer,
             output_buffer=output.buffer_frames, line_delay=audio.line_delay_frames)
+        self._echo_lags = self._output_latency + capture_period
         self._ring_window = round(config.ring_window_s * self._rate)
         self._last_ring: int | None = None
         self._silence = np.zeros(0, dtype=np.int16)
         self._output_failed = False
+        self._dtmf = DtmfDetector(self._rate)
+        self._clip = DtmfClipParser(self._rate)
+        self._fsk = FskCallerIdDecoder(self._rate)
+        self._progress = CallProgress(self._rate)
+        self._pulses = PulseDialling(self._rate)
+        self._caller_id: CallerId | None = None
+        self.failures_in_a_row = 0
+        self.in_fault = False
         self.call: Call | None = None
 
     # ---- the tick -------------------------------------------------------------------
@@ -196,36 +290,142 @@ class Line:
         end = start + frames
         if self._ring_input.is_active:
             self._last_ring = end
-        edge = self._hook.update(start, frames, self._hook_input.is_active)
+        hook = self._hook.update(start, frames, self._hook_input.is_active)
+        onhook = hook is not None and hook.edge is HookEdge.ONHOOK
+        heard = self._heard(start, frames)
+        state = self.state
 
-        if self.state in (LineState.IDLE, LineState.RINGING):
-            if edge and edge[0] is HookEdge.OFFHOOK:
-                self._answer(edge[1], start)
+        if state in (LineState.IDLE, LineState.RINGING):
+            if hook is not None and hook.edge is HookEdge.OFFHOOK:
+                self._offhook(hook.at, start)
             else:
-                ringing = self._last_ring is not None and end - self._last_ring < self._ring_window
-                self.state = LineState.RINGING if ringing else LineState.IDLE
-        elif self.state is LineState.DISCLOSING:
-            # Any loop break, hung up or not, may have cut the notice short for the far end.
-            if self._hook.loop_open or (edge and edge[0] is HookEdge.ONHOOK):
-                self._fail_disclosure(
-                    "the loop opened (on-hook or hook-flash) during the disclosure", end)
-                if edge and edge[0] is HookEdge.ONHOOK:
-                    self._end_call(edge[1], "onhook")
-            elif self.call is not None and self._output.underruns != self.call.underruns_at_start:
-                # The output ran dry after the notice began: the far end heard a gap in it.
-                self._fail_disclosure("the line output ran dry (underrun) during the disclosure",
-                                      end)
-            elif self.call is not None and self._disclosure_line_end(self.call) is not None \
-                    and self.call.heard_by(end - self._hook.debounce):
-                # Waiting one debounce past the end lets a loop break that began just before
-                # it show itself as loop_open first.
-                self._arm_recording(self._complete_disclosure())
-        elif edge and edge[0] is HookEdge.ONHOOK:  # RECORDING or UNRECORDED
-            self._end_call(edge[1], "onhook")
+                self._listen_for_caller_id(heard, start, end)
+        elif state is LineState.CLEARED:
+            if onhook:
+                self.state = LineState.IDLE
+        else:
+            if heard is not None:
+                self._progress.feed(heard, start)
+            if onhook:
+                assert hook is not None
+                if state in (LineState.DIALLING, LineState.DISCLOSING):
+                    self._fail_disclosure(
+                        "on-hook before the far end answered" if state is LineState.DIALLING
+                        else "on-hook before the disclosure finished", hook.at,
+                        line_fault=False)
+                self._end_call(hook.at, "onhook")
+            elif self._far_end_gone(end):
+                pass
+            elif state is LineState.DIALLING:
+                self._dialling(hook, heard, start, end)
+            elif state is LineState.DISCLOSING:
+                self._disclosing(heard, start, end)
 
         self._play(start, frames)
         if self.state is LineState.RECORDING:
             self._record_until(end)
+
+    def _heard(self, start: int, frames: int) -> np.ndarray | None:
+        """What the tap captured this tick, for the detectors (None if the engine fell so
+        far behind that the ring no longer holds it)."""
+        try:
+            return self._ring_buffer.read(start, frames)
+        except RingOverrun:
+            return None
+
+    def _listen_for_caller_id(self, heard: np.ndarray | None, start: int, end: int) -> None:
+        """Before and between the first rings the exchange may send the caller's number:
+        DTMF (A<number>C in the Netherlands) or FSK (ETSI EN 300 659)."""
+        ringing = self._last_ring is not None and end - self._last_ring < self._ring_window
+        if self.state is LineState.RINGING and not ringing:
+            self._caller_id = None  # a missed call: its number belongs to no answered call
+        self.state = LineState.RINGING if ringing else LineState.IDLE
+        known = self._caller_id
+        if known is not None and not ringing \
+                and end - known.position > CALLER_ID_KEEP_S * self._rate:
+            self._caller_id = None
+        if heard is None:
+            return
+        found = [clip for digit in self._dtmf.feed(heard, start)
+                 if (clip := self._clip.feed(digit)) is not None]
+        found += self._fsk.feed(heard, start)
+        for caller_id in found:
+            self._caller_id = caller_id
+            number = caller_id.number
+            suppressed = self._rules.rule_for(number) == NEVER_RECORD
+            self._events.emit(make_event(
+                EventKind.CALLER_ID, line=self.name, call_id=None,
+                ts=self._clock.timestamp(self._capture_name, caller_id.position),
+                sample=caller_id.position, source=f"clip_{caller_id.source}",
+                number=None if suppressed else number,
+                name=None if suppressed else caller_id.name,
+                absence=caller_id.absence, rule=NEVER_RECORD if suppressed else None))
+
+    def _far_end_gone(self, end: int) -> bool:
+        """The busy (disconnect) tone: before the notice finished, the far end is not or no
+        longer there to hear it; held for busy_tone_end_s, it ends the call."""
+        busy = self._progress.busy_since()
+        if busy is None:
+            return False
+        if self.state in (LineState.DIALLING, LineState.DISCLOSING):
+            self._fail_disclosure("busy tone: the far end is not, or no longer, on the line",
+                                  end, line_fault=False)
+        if end - busy >= self.config.busy_tone_end_s * self._rate:
+            self._end_call(busy, "busy_tone")
+            self.state = LineState.CLEARED
+        return True
+
+    def _dialling(self, hook: HookEvent | None, heard: np.ndarray | None, start: int,
+                  end: int) -> None:
+        call = self.call
+        assert call is not None
+        if hook is not None and hook.edge is HookEdge.BREAK:
+            self._pulses.loop_break(hook.at, hook.length)
+        if (digit := self._pulses.digit(end)) is not None:
+            call.dialled += digit
+            call.dialled_by.add("pulse")
+        if heard is not None:
+            for tone in self._dtmf.feed(heard, start):
+                call.dialled += tone.symbol
+                call.dialled_by.add("dtmf")
+        answered_by = None
+        if self._polarity_input is not None:
+            # The HAT sees the exchange reverse the line when the far end answers.
+            if self._polarity_input.is_active:
+                answered_by = "polarity_reversal"
+        elif self._progress.ringback_bursts and not self._progress.tone_active:
+            speech = self._progress.speech_since()
+            last_tone = self._progress.last_tone_end or 0
+            if speech is not None and speech >= last_tone:
+                answered_by = "ringback_then_speech"
+        if answered_by is not None:
+            self._answered(answered_by, start)
+        elif end - call.offhook_sample >= self.config.answer_timeout_s * self._rate:
+            self._fail_disclosure(
+                f"outbound call: no answer detected within answer_timeout_s = "
+                f"{self.config.answer_timeout_s:g}; a notice played now might not reach the "
+                "far end, so the call is not recorded", end, line_fault=False)
+
+    def _disclosing(self, heard: np.ndarray | None, start: int, end: int) -> None:
+        call = self.call
+        assert call is not None
+        if call.echo is not None and heard is not None:
+            call.echo.feed(heard, start)
+        if self._hook.loop_open:
+            # Any loop break, hung up or not, may have cut the notice short for the far end.
+            self._fail_disclosure("the loop opened (on-hook or hook-flash) during the "
+                                  "disclosure", end, line_fault=False)
+        elif self._output.underruns != call.underruns_at_start:
+            # The output ran dry after the notice began: the far end heard a gap in it.
+            self._fail_disclosure("the line output ran dry (underrun) during the disclosure",
+                                  end)
+        elif self._disclosure_line_end(call) is not None \
+                and call.heard_by(end - self._hook.debounce):
+            # Waiting one debounce past the end lets a loop break that began just before
+            # it show itself as loop_open first.
+            heard_proof = self._complete_disclosure()
+            if heard_proof is not None:
+                self._arm_recording(heard_proof)
 
     def note_capture_gap(self, position: int, lost: int, cause: str) -> None:
         """The capture lost ``lost`` samples at ``position`` (now silence). While it was
@@ -241,9 +441,9 @@ class Line:
         blind = cause == "device" or lost >= self._hook.onhook_confirm
         if not blind:
             return
-        if self.state is LineState.DISCLOSING:
-            self._fail_disclosure("the capture was lost during the disclosure, so the line "
-                                  "was not watched", position)
+        if self.state in (LineState.DIALLING, LineState.DISCLOSING):
+            self._fail_disclosure("the capture was lost before the disclosure finished, so "
+                                  "the line was not watched", position, line_fault=False)
         elif self.state is LineState.RECORDING:
             self._stop_recording(position)
             self.state = LineState.UNRECORDED
@@ -269,71 +469,140 @@ class Line:
             self.state = LineState.IDLE
 
     def _close_call(self, position: int, reason: str) -> None:
-        if self.state is LineState.DISCLOSING:
-            self._fail_disclosure(f"the call was closed during the disclosure ({reason})",
-                                  position)
+        if self.state in (LineState.DIALLING, LineState.DISCLOSING):
+            self._fail_disclosure(f"the call was closed before the disclosure finished "
+                                  f"({reason})", position, line_fault=False)
         if self.call is not None:
             self._end_call(position, reason)
         self.state = LineState.IDLE
 
     # ---- call steps -----------------------------------------------------------------
 
-    def _answer(self, offhook_at: int, now: int) -> None:
+    def _offhook(self, offhook_at: int, now: int) -> None:
         inbound = self._last_ring is not None and offhook_at - self._last_ring < self._ring_window
+        direction = "inbound" if inbound else "outbound"
         started = self._clock.timestamp(self._capture_name, offhook_at)
         call = Call(
             call_id=new_call_id(self.name, started),
-            direction="inbound" if inbound else "outbound",
+            direction=direction,
             offhook_sample=offhook_at,
             started_at=started,
-            disclosure_file=self.config.disclosure,
+            disclosure_name=self.config.disclosure_for[direction],
         )
         self.call = call
-        self._emit(EventKind.CALL_STARTED, offhook_at, direction=call.direction)
+        self._progress.reset()
+        # Speech matters only as the answer of an outbound call; the busy tone always does.
+        self._progress.listen_for_speech = not inbound
+        self._dtmf.reset()
+        if inbound:
+            caller_id, self._caller_id = self._caller_id, None
+            if caller_id is not None:
+                call.number = caller_id.number
+                call.caller_name = caller_id.name
+                call.number_source = f"clip_{caller_id.source}"
+                call.number_unknown = None if caller_id.number else \
+                    (caller_id.absence or "not sent")
+            else:
+                call.number_unknown = "no caller id received"
+        self._emit(EventKind.CALL_STARTED, offhook_at, direction=direction)
         self._save_receipt(call, offhook_at)
-        if not inbound:
-            # On an outbound call the far end hears nothing until it answers, and this
-            # version cannot detect the answer yet: a notice played now would be lost, so
-            # the call is not recorded.
-            self._fail_disclosure(
-                "outbound call: answer detection is not available, so the far end could "
-                "not hear the disclosure; the call is not recorded", now)
+        if inbound:
+            self._start_disclosure(now)
+        else:
+            # The far end hears nothing until it answers: the notice waits for the answer.
+            self.state = LineState.DIALLING
+
+    def _answered(self, how: str, now: int) -> None:
+        call = self.call
+        assert call is not None
+        call.answered_at = now
+        call.answered_by = how
+        self._progress.listen_for_speech = False
+        if call.dialled:
+            call.number = call.dialled
+            call.number_source = ("dialled_" + next(iter(call.dialled_by))
+                                  if len(call.dialled_by) == 1 else "dialled")
+        else:
+            call.number_unknown = "no digits were seen (dialled before off-hook, or by a "\
+                "phone that sends them some other way)"
+        self._emit(EventKind.CALL_ANSWERED, now, answered_by=how)
+        self._start_disclosure(now)
+
+    def _start_disclosure(self, now: int) -> None:
+        call = self.call
+        assert call is not None
+        call.rule = self._rules.rule_for(call.number)
+        if call.rule is not None:
+            if call.rule == NEVER_RECORD:
+                # Data minimisation: the receipt and events do not keep this number.
+                call.number = call.caller_name = None
+                call.number_unknown = "withheld by the never_record rule"
+            self.state = LineState.UNRECORDED
+            self._save_receipt(call, now)
             return
         try:
-            # One read: the hash in the receipt is of exactly the audio that played.
-            data = call.disclosure_file.read_bytes()
-            call.disclosure = load_line_audio(call.disclosure_file, self._rate, data)
-        except Exception as exc:  # whatever is wrong with the file, nothing is recorded
-            self._fail_disclosure(f"disclosure file cannot be played: {exc}", now)
+            call.disclosure = self._disclosures.prepare(call.disclosure_name)
+        except (AudioFileError, ValueError) as exc:
+            # Whatever is wrong with the file, nothing is recorded.
+            self._fail_disclosure(f"disclosure cannot be played: {exc}", now)
             return
-        if len(call.disclosure) > self.config.disclosure_max_s * self._rate:
-            self._fail_disclosure(
-                f"disclosure file cannot be played: {call.disclosure_file} is longer than "
-                f"disclosure_max_s = {self.config.disclosure_max_s}", now)
-            return
-        call.disclosure_sha256 = hashlib.sha256(data).hexdigest()
         call.disclosure_first_sample = now
+        call.echo = EchoCheck(call.disclosure.audio, now, self._echo_lags)
         call.underruns_at_start = self._output.underruns
         call.disclosure_started_at = self._clock.timestamp(self._capture_name, now)
         self.state = LineState.DISCLOSING
-        self._emit(EventKind.DISCLOSURE_STARTED, now, file=str(call.disclosure_file),
-                   duration_s=round(len(call.disclosure) / self._rate, 3))
+        self._emit(EventKind.DISCLOSURE_STARTED, now, disclosure=call.disclosure.name,
+                   languages=call.disclosure.languages,
+                   duration_s=round(len(call.disclosure.audio) / self._rate, 3))
 
-    def _complete_disclosure(self) -> DisclosureHeard:
+    def _complete_disclosure(self) -> DisclosureHeard | None:
+        """The disclosure has left the line: it counts only if the tap heard it there."""
         call = self.call
         assert call is not None and call.disclosure_line_end is not None
+        assert call.echo is not None
+        score, lag = call.echo.score()
+        threshold = self.config.verify_min_score
+        call.verification = {"score": round(score, 3), "threshold": threshold,
+                             "lag_samples": lag}
+        if score < threshold:
+            self._emit(EventKind.ERROR, call.disclosure_line_end,
+                       message=f"line {self.name}: the disclosure played but the line did not "
+                       "carry it; check the HAT's line output for this line")
+            self._fail_disclosure(
+                f"the disclosure was not heard on the line (correlation {score:.2f}, needs "
+                f"{threshold:g}): the line output may be silent or disconnected",
+                call.disclosure_line_end)
+            return None
         call.disclosure_completed_at = self._clock.timestamp(self._capture_name,
                                                              call.disclosure_line_end)
-        self._emit(EventKind.DISCLOSURE_COMPLETED, call.disclosure_line_end)
+        self._emit(EventKind.DISCLOSURE_COMPLETED, call.disclosure_line_end,
+                   score=call.verification["score"])
+        self.failures_in_a_row = 0
+        if self.in_fault:
+            self.in_fault = False
+            self._led.off()
+            self._emit(EventKind.LINE_RECOVERED, call.disclosure_line_end)
         return DisclosureHeard(call.call_id, call.disclosure_line_end)
 
-    def _fail_disclosure(self, reason: str, position: int) -> None:
+    def _fail_disclosure(self, reason: str, position: int, *, line_fault: bool = True) -> None:
+        """No recording on this call. ``line_fault``: the line, not the caller, is why (the
+        file, the output, the notice not heard); three in a row put the line in fault."""
         call = self.call
         assert call is not None
         call.disclosure_failure = reason
-        call.disclosure = None
         self.state = LineState.UNRECORDED
         self._emit(EventKind.DISCLOSURE_FAILED, position, reason=reason)
+        self._save_receipt(call, position)
+        if not line_fault:
+            return
+        self.failures_in_a_row += 1
+        if self.failures_in_a_row >= FAULT_AFTER_FAILURES and not self.in_fault:
+            self.in_fault = True
+            self._led.blink(*FAULT_BLINK_S)
+            self._emit(EventKind.LINE_FAULT, position,
+                       message=f"the disclosure failed on {self.failures_in_a_row} calls in a "
+                       f"row (last: {reason}); calls on line {self.name} are not recorded "
+                       "until a disclosure is heard again")
 
     def _arm_recording(self, heard: DisclosureHeard) -> None:
         """THE compliance rule: recording starts only from proof that this call's disclosure
@@ -350,13 +619,9 @@ class Line:
                 page_interval_s=self._audio.page_interval_s,
                 fsync_interval_s=self._audio.fsync_interval_s,
                 vendor=f"linerec {__version__}",
-                tags={
-                    "call_id": call.call_id,
-                    "line": self.name,
-                    "direction": call.direction,
-                    "start_time": iso_ms(call.started_at),
-                    "device_id": self._device_id,
-                },
+                tags=self._recording_tags(call),
+                # A held busy tone ends the recording where the tone began.
+                max_rewind_s=self.config.busy_tone_end_s + 2.0,
             )
         except Exception as exc:
             self.state = LineState.UNRECORDED
@@ -371,6 +636,18 @@ class Line:
         self._led.on()
         self._emit(EventKind.RECORDING_STARTED, heard.line_end, file=str(path))
         self._save_receipt(call, heard.line_end)
+
+    def _recording_tags(self, call: Call) -> dict[str, str]:
+        tags = {
+            "call_id": call.call_id,
+            "line": self.name,
+            "direction": call.direction,
+            "start_time": iso_ms(call.started_at),
+            "device_id": self._device_id,
+        }
+        if call.number:
+            tags["caller" if call.direction == "inbound" else "dialled"] = call.number
+        return tags
 
     def _record_until(self, limit: int) -> None:
         call = self.call
@@ -439,6 +716,7 @@ class Line:
         call.recording_summary = {
             "file": recording.path.name,
             "status": "complete",
+            "sha256": file_sha256(recording.path),
             "first_sample": first,
             "end_sample": first + recording.samples,
             "duration_s": duration,
@@ -461,10 +739,12 @@ class Line:
         duration = round((at - call.offhook_sample) / self._rate, 3)
         recorded = (call.recording_summary or {}).get("status") == "complete"
         self._emit(EventKind.CALL_ENDED, at, reason=reason, duration_s=duration,
-                   recorded=recorded)
+                   recorded=recorded, rule=call.rule)
         self._save_receipt(call, at, ended=ended, reason=reason)
         self.call = None
         self.state = LineState.IDLE
+        if self.in_fault:
+            self._led.blink(*FAULT_BLINK_S)
 
     # ---- outputs --------------------------------------------------------------------
 
@@ -478,10 +758,11 @@ class Line:
                       and call.disclosure is not None)
         if disclosing:
             assert call is not None and call.disclosure is not None
-            chunk = call.disclosure[call.disclosure_written : call.disclosure_written + frames]
+            written = call.disclosure_written
+            chunk = call.disclosure.audio[written : written + frames]
             if len(chunk) < frames:
                 chunk = np.concatenate([chunk, np.zeros(frames - len(chunk), np.int16)])
-            if call.disclosure_written + frames >= len(call.disclosure):
+            if call.disclosure_written + frames >= len(call.disclosure.audio):
                 # The last of the notice: the playback thread notes the capture position
                 # when it hands this period to the device.
                 ticket = WriteTicket()
@@ -503,7 +784,8 @@ class Line:
         self._output_failed = False
         if disclosing:
             assert call is not None and call.disclosure is not None
-            call.disclosure_written = min(len(call.disclosure), call.disclosure_written + frames)
+            call.disclosure_written = min(len(call.disclosure.audio),
+                                          call.disclosure_written + frames)
 
     def _disclosure_line_end(self, call: Call) -> int | None:
         """Where the notice has surely left the line, once the playback thread has handed
@@ -514,7 +796,7 @@ class Line:
                 and ticket.captured_before_write is not None:
             assert call.disclosure is not None and call.disclosure_first_sample is not None
             chunk_end = call.disclosure_last_chunk_end
-            padding = chunk_end - call.disclosure_first_sample - len(call.disclosure)
+            padding = chunk_end - call.disclosure_first_sample - len(call.disclosure.audio)
             given_at = max(ticket.captured_before_write, chunk_end)
             call.disclosure_line_end = given_at - padding + self._output_latency
         return call.disclosure_line_end
@@ -533,28 +815,47 @@ class Line:
     def _save_receipt(self, call: Call, at: int, *, ended: datetime | None = None,
                       reason: str | None = None) -> None:
         """Write the call's receipt: while the call is open (``state`` open, so a crash
-        leaves one behind for the start-up recovery), and once more when it ends."""
+        leaves one behind for the start-up recovery), and sealed into the appliance's hash
+        chain when it ends."""
         path = receipt_path(self._storage, call.call_id, call.started_at)
         if call.disclosure_completed_at:
             disclosure_status = "completed"
         elif call.disclosure_failure:
             disclosure_status = "failed"
-        else:
+        elif call.disclosure_started_at:
             disclosure_status = "playing"
+        else:
+            disclosure_status = "not_played"
+        purpose = self._disclosures.purpose_of(call.disclosure_name)
+        disclosure = (call.disclosure.receipt() if call.disclosure is not None
+                      else self._disclosures.describe(call.disclosure_name))
+        started = call.started_at
         receipt = {
+            "schema": RECEIPT_SCHEMA,
             "call_id": call.call_id,
             "state": "closed" if ended else "open",
             "line": self.name,
             "device_id": self._device_id,
             "direction": call.direction,
-            "started_at": iso_ms(call.started_at),
+            "number": {"value": call.number, "source": call.number_source,
+                       "name": call.caller_name,
+                       "unknown_reason": None if call.number else call.number_unknown},
+            "rule": call.rule,
+            "started_at": iso_ms(started),
             "ended_at": iso_ms(ended) if ended else None,
             "end_reason": reason,
+            "clock_synchronised": self._clock.synchronised(),
             "sample_rate": self._rate,
             "offhook_sample": call.offhook_sample,
+            "answered": {"sample": call.answered_at, "by": call.answered_by}
+            if call.answered_at is not None else None,
+            "purpose": {"name": purpose.name, "text": purpose.text,
+                        "lawful_basis": purpose.lawful_basis,
+                        "retention_days": purpose.retention_days},
+            "retention_until": (started + timedelta(days=purpose.retention_days))
+            .date().isoformat(),
             "disclosure": {
-                "file": str(call.disclosure_file),
-                "sha256": call.disclosure_sha256,
+                **disclosure,
                 "first_sample": call.disclosure_first_sample,
                 "line_end_sample": call.disclosure_line_end
                 if call.disclosure_completed_at else None,
@@ -564,11 +865,15 @@ class Line:
                 if call.disclosure_completed_at else None,
                 "status": disclosure_status,
                 "failure": call.disclosure_failure,
+                "verification": call.verification,
             },
             "recording": call.recording_summary,
             "linerec_version": __version__,
         }
         try:
-            write_receipt(path, receipt)
+            if ended:
+                seal_receipt(self._storage, path, receipt)
+            else:
+                write_receipt(path, receipt)
         except OSError as exc:
             self._emit(EventKind.ERROR, at, message=f"cannot write the receipt {path}: {exc}")

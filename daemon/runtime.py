@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from linerec.audio.ring import SampleRing
+from linerec.daemon.archive import RETENTION_INTERVAL_S, RetentionSweeper
 from linerec.daemon.config import CaptureConfig, Config
+from linerec.daemon.disclosure import DisclosureLibrary
 from linerec.daemon.engine import CaptureThread, TapEngine
 from linerec.daemon.events import EventBus
 from linerec.daemon.line import Line
+from linerec.daemon.numbers import NumberRules
 from linerec.daemon.playback import PlaybackThread
 from linerec.daemon.recovery import recover_interrupted
 from linerec.hw.base import CaptureStream, Hat
@@ -64,11 +67,15 @@ class Recorder:
     capture running); ``stop`` closes calls in progress and releases the hardware."""
 
     def __init__(self, config: Config, hat: Hat, events: EventBus, *,
-                 until: int | None = None) -> None:
+                 until: int | None = None,
+                 retention_interval_s: float = RETENTION_INTERVAL_S) -> None:
         self.config = config
         self.hat = hat
         self.events = events
         self.until = until
+        self.retention_interval_s = retention_interval_s
+        """Time between retention sweeps (seconds); the first runs at start."""
+        self.sweeper: RetentionSweeper | None = None
         self.engines: list[TapEngine] = []
         self.players: dict[str, PlaybackThread] = {}
         self.lines: list[Line] = []
@@ -86,6 +93,8 @@ class Recorder:
         check_storage(self.config.storage)
         recover_interrupted(self.config.storage, self.events)
         audio = self.config.audio
+        disclosures = DisclosureLibrary(self.config, audio.rate)
+        rules = NumberRules(self.config.numbers)
         for capture_config in self.config.capture:
             line_configs = self.config.lines_on(capture_config)
             if not line_configs:
@@ -109,6 +118,9 @@ class Recorder:
                 self._closers.append((group, hook.close))
                 ringer = self.hat.ring_sensor(line_config)
                 self._closers.append((group, ringer.close))
+                polarity = self.hat.polarity_sensor(line_config)
+                if polarity is not None:
+                    self._closers.append((group, polarity.close))
                 led = self.hat.recording_led(line_config)
                 led.off()
                 self._closers.append((group, led.close))
@@ -121,11 +133,14 @@ class Recorder:
                     ring=ring,
                     hook=hook,
                     ringer=ringer,
+                    polarity=polarity,
                     led=led,
                     output=output,
                     clock=self.hat.clock,
                     storage=self.config.storage,
                     device_id=self.config.device_id,
+                    disclosures=disclosures,
+                    rules=rules,
                     events=self.events,
                 ))
             capture = CaptureThread(
@@ -152,6 +167,11 @@ class Recorder:
                                "priority %d was refused (%s); allow it with LimitRTPRIO=",
                                engine.capture.name, audio.capture_priority,
                                engine.capture.priority_error)
+        # Deleting expired calls is slow disk work: its own thread, started last, so that
+        # it never delays arming a line nor runs in an engine.
+        self.sweeper = RetentionSweeper(self.config.storage, self.events,
+                                        self.retention_interval_s)
+        self.sweeper.start()
         # What start-up allocated stays put: the collector need not walk it again.
         gc.freeze()
         logger.info("armed %d line(s): %s", len(self.lines),
@@ -178,8 +198,15 @@ class Recorder:
         return any(engine.done.is_set() for engine in self.engines)
 
     def stop(self) -> None:
-        """Stop in reverse order of start: engines, open calls, capture, devices.
+        """Stop in reverse order of start: retention sweep, engines, open calls, capture,
+        devices.
         Safe after a start that failed half-way."""
+        if self.sweeper is not None:
+            self.sweeper.stop()
+            self.sweeper.join(timeout=STOP_TIMEOUT_S)
+            if self.sweeper.is_alive():
+                # A daemon thread between two deletions: each is whole (log line first).
+                logger.error("the retention sweep did not stop in %.0f s", STOP_TIMEOUT_S)
         started = [engine for engine in self.engines if engine.ident is not None]
         stuck: set[str] = set()
         for engine in started:

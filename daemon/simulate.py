@@ -17,32 +17,43 @@ from linerec.hw.sim import SimulatedHat
 logger = logging.getLogger(__name__)
 
 
-def packaged_disclosure(language: str = "en") -> Path:
-    """A disclosure that ships with linerec (generated speech)."""
-    return Path(str(files("linerec.audio") / "disclosures" / f"{language}.wav"))
-
-
 def demo_scenario() -> Path:
     return Path(str(files("linerec.hw") / "scenarios" / "demo.toml"))
 
 
+EXAMPLE_PURPOSE = {
+    "name": "service",
+    "text": "To handle the caller's request and to improve our service, under our "
+            "agreement with the caller.",
+    "lawful_basis": "contract",
+    "retention_days": 90,
+}
+"""The purpose the shipped example disclosures announce (scripts/make-disclosures)."""
+
+
 def simulated_config(storage: Path) -> Config:
     """The built-in config of the simulated HAT: two lines on one two-channel tap, their
-    disclosures played through one two-channel line output."""
-    disclosure = str(packaged_disclosure("en"))
+    disclosures played through one two-channel line output. Calls are announced in Dutch
+    and English with the shipped example disclosures; line2's HAT input sees the line
+    polarity reversal that marks the answer of an outbound call."""
     return config_from_dict(
         {
             "device_id": "linerec-sim",
             "storage": str(storage),
             "capture": [{"name": "tap", "device": "simulated", "channels": 2}],
             "playback": [{"name": "out", "device": "simulated", "channels": 2}],
+            "purpose": [EXAMPLE_PURPOSE],
+            "disclosure": [
+                {"name": "welcome", "purpose": "service",
+                 "parts": [{"language": "nl"}, {"language": "en"}]},
+            ],
             "line": [
                 {"name": "line1", "capture": "tap", "channel": 0, "playback": "out",
                  "playback_channel": 0, "hook_pin": 17, "ring_pin": 27, "led_pin": 22,
-                 "disclosure": disclosure},
+                 "disclosure": "welcome"},
                 {"name": "line2", "capture": "tap", "channel": 1, "playback": "out",
                  "playback_channel": 1, "hook_pin": 23, "ring_pin": 24, "led_pin": 25,
-                 "disclosure": disclosure},
+                 "polarity_pin": 5, "disclosure": "welcome"},
             ],
         },
         source="<built-in simulated config>",

@@ -93,6 +93,9 @@ class Indicator(Protocol):
 
     def off(self) -> None: ...
 
+    def blink(self, on_s: float, off_s: float) -> None:
+        """Flash until ``on`` or ``off`` (a line in fault)."""
+
     def close(self) -> None: ...
 
 
@@ -105,6 +108,9 @@ class Clock(Protocol):
 
     def timestamp(self, capture: str, position: int) -> datetime:
         """UTC wall-clock time of a capture sample position."""
+
+    def synchronised(self) -> bool | None:
+        """Is the wall clock synchronised (NTP)? None when that cannot be told."""
 
 
 class Hat(Protocol):
@@ -120,6 +126,9 @@ class Hat(Protocol):
     def hook_sensor(self, line: LineConfig) -> BinaryInput: ...
 
     def ring_sensor(self, line: LineConfig) -> BinaryInput: ...
+
+    def polarity_sensor(self, line: LineConfig) -> BinaryInput | None:
+        """The line polarity input, where the HAT has one (``polarity_pin``)."""
 
     def recording_led(self, line: LineConfig) -> Indicator: ...
 

@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from datetime import UTC, datetime, timedelta
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig, PlaybackConfig
 from linerec.hw.alsa import AlsaCapture, AlsaPlayback
 from linerec.hw.gpio import GpioInput, GpioLed
+
+_TIME_ERROR = 5
+"""adjtimex(2): the clock is not synchronised."""
+
+
+class _Timex(ctypes.Structure):
+    # struct timex of linux/timex.h on 64-bit and 32-bit alike: every field is a long
+    # (or int padded to one) up to the reserved tail, which only has to be big enough.
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long),
+                ("freq", ctypes.c_long), ("maxerror", ctypes.c_long),
+                ("esterror", ctypes.c_long), ("status", ctypes.c_int),
+                ("constant", ctypes.c_long), ("precision", ctypes.c_long),
+                ("tolerance", ctypes.c_long), ("time_sec", ctypes.c_long),
+                ("time_usec", ctypes.c_long), ("tick", ctypes.c_long),
+                ("reserved", ctypes.c_long * 32)]
+
+
+def system_clock_synchronised() -> bool | None:
+    """Is the system clock synchronised, as the kernel tells NTP daemons (adjtimex with
+    no changes: no privileges needed)? None where that cannot be asked."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        timex = _Timex()
+        state = libc.adjtimex(ctypes.byref(timex))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return bool(state != _TIME_ERROR)
 
 
 class WallClock:
@@ -27,6 +58,9 @@ class WallClock:
             return datetime.now(UTC)
         anchored_at, moment = anchor
         return moment + timedelta(seconds=(position - anchored_at) / self._rate)
+
+    def synchronised(self) -> bool | None:
+        return system_clock_synchronised()
 
 
 class PiHat:
@@ -49,6 +83,12 @@ class PiHat:
     def ring_sensor(self, line: LineConfig) -> GpioInput:
         return GpioInput(line.ring_pin, active_high=line.ring_active_high,
                          name=f"{line.name} ring")
+
+    def polarity_sensor(self, line: LineConfig) -> GpioInput | None:
+        if line.polarity_pin is None:
+            return None
+        return GpioInput(line.polarity_pin, active_high=line.polarity_active_high,
+                         name=f"{line.name} polarity")
 
     def recording_led(self, line: LineConfig) -> GpioLed:
         return GpioLed(line.led_pin, name=f"{line.name} LED")

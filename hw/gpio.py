@@ -49,6 +49,10 @@ class GpioLed:
     def off(self) -> None:
         self._led.off()
 
+    def blink(self, on_s: float, off_s: float) -> None:
+        # gpiozero flashes it from its own background thread; on() and off() stop that.
+        self._led.blink(on_time=on_s, off_time=off_s, background=True)
+
     def close(self) -> None:
         self._led.close()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,11 +12,17 @@ from typing import Any
 import numpy as np
 
 from linerec.audio.pcm import AudioFileError, load_line_audio
+from linerec.hw import exchange
 
 MAX_DURATION_S = 4 * 3600.0
 RING_ON_S = 1.0
 RING_OFF_S = 4.0
 """Dutch ring cadence: 1 s on, 4 s off."""
+
+PULSE_BREAK_S = 0.060
+PULSE_MAKE_S = 0.040
+PULSE_DIGIT_PAUSE_S = 0.700
+"""Pulse dialling at 10 pulses per second, 60 ms break / 40 ms make, digits 700 ms apart."""
 
 STEP_KEYS: dict[str, dict[str, bool]] = {
     # do -> {key: required}
@@ -24,11 +30,21 @@ STEP_KEYS: dict[str, dict[str, bool]] = {
     "offhook": {},
     "onhook": {},
     "audio": {"file": True, "gain_db": False},
+    "callerid": {"number": False, "name": False, "format": False, "form": False,
+                 "absence": False},
+    "dtmf": {"digits": True, "on_ms": False, "off_ms": False},
+    "tone": {"kind": True, "until": False, "frequency": False, "gain_db": False},
+    "pulse": {"digits": True},
+    "flash": {"ms": False},
+    "answer": {},
     "overrun": {"frames": True},
     "unplug": {"seconds": True},
 }
-LATER_STEPS = ("answer", "dtmf", "tone", "callerid")
-"""Documented step kinds that this version of the simulator does not play yet."""
+TONE_KINDS = ("dial", "ringback", "busy", "congestion")
+CALLER_ID_FORMATS = ("dtmf", "fsk")
+DTMF_CLIP_FORMS = ("A", "D", "#")
+ABSENCE = ("private", "unavailable")
+DIGITS = "0123456789*#ABCD"
 
 
 class ScenarioError(ValueError):
@@ -49,7 +65,7 @@ class GpioChange:
     sample: int
     line: str
     input: str
-    """"hook" or "ring"."""
+    """"hook", "ring" or "polarity"."""
     active: bool
 
 
@@ -66,13 +82,22 @@ class Scenario:
         return math.ceil(self.duration * rate / period) * period
 
     def gpio_changes(self, rate: int) -> list[GpioChange]:
-        """Every hook and ring level change, in sample order."""
+        """Every hook, ring and polarity level change, in sample order."""
         changes: list[GpioChange] = []
         end = round(self.duration * rate)
         for step in self.steps:
             at = round(step.at * rate)
             if step.do in ("offhook", "onhook"):
                 changes.append(GpioChange(at, step.line, "hook", step.do == "offhook"))
+                if step.do == "onhook":
+                    # The exchange puts the polarity back when the call is cleared.
+                    changes.append(GpioChange(at, step.line, "polarity", False))
+            elif step.do == "answer":
+                changes.append(GpioChange(at, step.line, "polarity", True))
+            elif step.do in ("pulse", "flash"):
+                for opened, closed in self._loop_breaks(step):
+                    changes.append(GpioChange(round(opened * rate), step.line, "hook", False))
+                    changes.append(GpioChange(round(closed * rate), step.line, "hook", True))
             elif step.do == "ring":
                 stop = round(float(step.params.get("until", self.duration)) * rate)
                 answered = [round(s.at * rate) for s in self.steps
@@ -85,13 +110,32 @@ class Scenario:
                                               step.line, "ring", False))
         return sorted(changes, key=lambda c: c.sample)
 
+    @staticmethod
+    def _loop_breaks(step: Step) -> list[tuple[float, float]]:
+        """(opened, closed) times of the loop breaks of a pulse or flash step."""
+        if step.do == "flash":
+            return [(step.at, step.at + float(step.params.get("ms", 100)) / 1000)]
+        breaks = []
+        at = step.at
+        for digit in str(step.params["digits"]):
+            for _ in range(int(digit) or 10):
+                breaks.append((at, at + PULSE_BREAK_S))
+                at += PULSE_BREAK_S + PULSE_MAKE_S
+            at += PULSE_DIGIT_PAUSE_S - PULSE_MAKE_S
+        return breaks
+
     def far_end_sources(self, line: str, rate: int) -> list[tuple[int, np.ndarray]]:
         """What the far end puts on the line: (start sample, float32 samples) per audio
         step, every file decoded now, so that a bad one is reported before anything starts.
         A file used by several steps is decoded once."""
         sources = []
         for step in self.steps:
-            if step.line != line or step.do != "audio":
+            if step.line != line:
+                continue
+            if step.do in ("callerid", "dtmf", "tone"):
+                sources.append((round(step.at * rate), self._exchange_signal(step, rate)))
+                continue
+            if step.do != "audio":
                 continue
             path = self.path.parent / step.params["file"]
             samples = self._decoded.get((path, rate))
@@ -106,6 +150,26 @@ class Scenario:
                 samples = samples * np.float32(10 ** (gain / 20))
             sources.append((round(step.at * rate), samples))
         return sources
+
+
+    def _exchange_signal(self, step: Step, rate: int) -> np.ndarray:
+        """The tones and data the simulated exchange (or phone) puts on the line."""
+        params = step.params
+        if step.do == "dtmf":
+            return exchange.dtmf(str(params["digits"]), rate, on_ms=int(params.get("on_ms", 70)),
+                                 off_ms=int(params.get("off_ms", 70)))
+        if step.do == "tone":
+            until = float(params.get("until", self.duration))
+            signal = exchange.progress_tone(str(params["kind"]), until - step.at, rate,
+                                            frequency=float(params.get("frequency", 425.0)))
+            return signal * np.float32(10 ** (float(params.get("gain_db", 0.0)) / 20))
+        absence = params.get("absence")
+        if params.get("format", "dtmf") == "fsk":
+            return exchange.fsk_caller_id(rate, number=params.get("number"),
+                                          name=params.get("name"), absence=absence,
+                                          when=None)
+        return exchange.dtmf_clip(str(params.get("number", "")), rate,
+                                  form=absence or str(params.get("form", "A")))
 
 
 def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
@@ -141,9 +205,6 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
         if not isinstance(raw, dict):
             raise fail(where, "expected a table")
         do = raw.get("do")
-        if do in LATER_STEPS:
-            raise fail(f"{where}.do", f"{do!r} is not supported by this version of the simulator; "
-                       f"use one of {', '.join(STEP_KEYS)}")
         if do not in STEP_KEYS:
             raise fail(f"{where}.do", f"required: one of {', '.join(STEP_KEYS)}")
         allowed = STEP_KEYS[do]
@@ -177,6 +238,7 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
         if "gain_db" in params and (isinstance(params["gain_db"], bool)
                                     or not isinstance(params["gain_db"], int | float)):
             raise fail(f"{where}.gain_db", "expected a number of decibels")
+        _check_signal_params(params, do, f"{where}", fail)
         if "file" in params:
             if not isinstance(params["file"], str):
                 raise fail(f"{where}.file", "expected a file name in quotes")
@@ -186,3 +248,43 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
         steps.append(Step(index, float(at), line, do, params))
     steps.sort(key=lambda s: (s.at, s.index))
     return Scenario(path, float(duration), tuple(steps))
+
+
+def _check_signal_params(params: dict[str, Any], do: str, where: str,
+                         fail: Callable[[str, str], ScenarioError]) -> None:
+    """The keys of the exchange's signals: digits, tones, caller ids, loop breaks."""
+    def choice(key: str, allowed: tuple[str, ...]) -> None:
+        if key in params and params[key] not in allowed:
+            raise fail(f"{where}.{key}", f"{params[key]!r} is not one of {', '.join(allowed)}")
+
+    def number(key: str, lo: float, hi: float) -> None:
+        value = params.get(key)
+        if key in params and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not lo <= value <= hi):
+            raise fail(f"{where}.{key}", f"expected a number from {lo:g} to {hi:g}")
+
+    if "digits" in params:
+        digits = params["digits"]
+        allowed = "0123456789" if do == "pulse" else DIGITS
+        if not isinstance(digits, str) or not digits or any(d not in allowed for d in digits):
+            raise fail(f"{where}.digits", f"expected a string of the digits {allowed}")
+    for key in ("number", "name"):
+        if key in params and not isinstance(params[key], str):
+            raise fail(f"{where}.{key}", "expected a string in quotes")
+    if do == "callerid" and "number" in params and not all(
+            c in "+0123456789" for c in params["number"]):
+        raise fail(f"{where}.number", "expected digits, with an optional leading +")
+    if do == "callerid" and params.get("format", "dtmf") == "dtmf" \
+            and "+" in params.get("number", ""):
+        raise fail(f"{where}.number", "DTMF CLIP has no +: give the national number, or use "
+                   'format = "fsk"')
+    if do == "callerid" and "number" not in params and "absence" not in params:
+        raise fail(f"{where}.number", "required unless absence says why no number is sent")
+    choice("kind", TONE_KINDS)
+    choice("format", CALLER_ID_FORMATS)
+    choice("form", DTMF_CLIP_FORMS)
+    choice("absence", ABSENCE)
+    number("on_ms", 20, 1000)
+    number("off_ms", 20, 1000)
+    number("ms", 20, 2000)
+    number("frequency", 300, 3400)

@@ -34,6 +34,7 @@ from linerec.audio import g711
 from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig, PlaybackConfig
 from linerec.hw.alsa import AlsaCapture, AlsaPlayback
 from linerec.hw.base import HardwareError, output_latency
+from linerec.hw.board import system_clock_synchronised
 from linerec.hw.gpio import GpioInput, GpioLed, drive_input, mock_pin_factory
 from linerec.hw.scenario import GpioChange, Scenario
 
@@ -76,6 +77,10 @@ class SimulatedClock:
     def timestamp(self, capture: str, position: int) -> datetime:
         return self._epoch + timedelta(seconds=position / self._rate)
 
+    def synchronised(self) -> bool | None:
+        # Simulated time starts from the system clock: it is as good as that.
+        return system_clock_synchronised()
+
 
 class SimulatedHat:
     """The Hat interface on generated ALSA PCMs and mock pins, driven by a scenario."""
@@ -113,6 +118,7 @@ class SimulatedHat:
         self._captures: dict[str, AlsaCapture] = {}
         self._capture_faults: dict[str, _CaptureFaults] = {}
         self.broken_outputs: set[str] = set()
+        self.silent_outputs: set[str] = set()
         self._write_asoundrc()
 
     # ---- the Hat interface --------------------------------------------------------
@@ -159,6 +165,12 @@ class SimulatedHat:
         return GpioInput(line.ring_pin, active_high=line.ring_active_high,
                          name=f"{line.name} ring", pin_factory=self.pin_factory)
 
+    def polarity_sensor(self, line: LineConfig) -> GpioInput | None:
+        if line.polarity_pin is None:
+            return None
+        return GpioInput(line.polarity_pin, active_high=line.polarity_active_high,
+                         name=f"{line.name} polarity", pin_factory=self.pin_factory)
+
     def recording_led(self, line: LineConfig) -> GpioLed:
         return GpioLed(line.led_pin, name=f"{line.name} LED", pin_factory=self.pin_factory)
 
@@ -190,11 +202,13 @@ class SimulatedHat:
             while pending and pending[0].sample < position:
                 change = pending.pop(0)
                 line = self._line_of[change.line]
-                pin, active_high = (
-                    (line.hook_pin, line.hook_active_high) if change.input == "hook"
-                    else (line.ring_pin, line.ring_active_high)
-                )
-                drive_input(self.pin_factory, pin, high=change.active == active_high)
+                pin, active_high = {
+                    "hook": (line.hook_pin, line.hook_active_high),
+                    "ring": (line.ring_pin, line.ring_active_high),
+                    "polarity": (line.polarity_pin, line.polarity_active_high),
+                }[change.input]
+                if pin is not None:  # a HAT without a polarity input does not see it
+                    drive_input(self.pin_factory, pin, high=change.active == active_high)
 
     def break_line_output(self, line: str) -> None:
         """Fault injection: the line output's ALSA PCM goes away (as when the HAT's codec
@@ -203,6 +217,11 @@ class SimulatedHat:
         playback = self._line_of[line].playback
         self.broken_outputs.add(playback)
         self._outputs[playback].close()
+
+    def silence_line_output(self, line: str) -> None:
+        """Fault injection: the line output plays, but nothing of it reaches the line (a
+        transformer or jumper left unconnected). The daemon sees no error at all."""
+        self.silent_outputs.add(line)
 
     def start_lines(self) -> None:
         """Start feeding each capture device; call after the daemon opened its devices."""
@@ -423,7 +442,8 @@ class _LineFeeder(threading.Thread):
         yet played through the gap)."""
         out = np.zeros(count, dtype=np.float64)
         lo, hi = max(first, 0), min(first + count, available)
-        if hi <= lo or self.hat._line_of[line].playback in self.hat.broken_outputs:
+        if hi <= lo or self.hat._line_of[line].playback in self.hat.broken_outputs \
+                or line in self.hat.silent_outputs:
             return out
         self._read_played(line, hi)
         base = self._played_base[line]

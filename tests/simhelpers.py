@@ -16,7 +16,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from linerec.daemon.simulate import packaged_disclosure
+from linerec.daemon.config import packaged_disclosure
 
 
 def free_port() -> int:
@@ -53,11 +53,25 @@ RECORDED_CALL = [
 
 
 def sim_config(tmp_path: Path, broker: tuple[str, int] | None = None,
-               disclosure: Path | None = None) -> Path:
-    """The two-line simulated layout, as a config file an installer could write."""
+               disclosure: Path | None = None, *, line_extra: str = "",
+               extra: str = "") -> Path:
+    """The two-line simulated layout, as a config file an installer could write: calls
+    are announced with the English example disclosure (or ``disclosure``). ``line_extra``
+    goes into each [[line]], ``extra`` at the end."""
     text = f"""
 device_id = "office"
 storage = "{tmp_path / 'recordings'}"
+
+[[purpose]]
+name = "service"
+text = "To handle the caller's request, under our agreement with the caller."
+lawful_basis = "contract"
+retention_days = 90
+
+[[disclosure]]
+name = "welcome"
+purpose = "service"
+parts = [{{ language = "en", file = "{disclosure or packaged_disclosure('en')}" }}]
 
 [[capture]]
 name = "tap"
@@ -80,10 +94,12 @@ playback_channel = {index}
 hook_pin = {hook}
 ring_pin = {ring}
 led_pin = {led}
-disclosure = "{disclosure or packaged_disclosure('en')}"
+disclosure = "welcome"
+{line_extra}
 """
     if broker:
         text += f'\n[mqtt]\nhost = "{broker[0]}"\nport = {broker[1]}\n'
+    text += extra
     path = tmp_path / "linerec.toml"
     path.write_text(text)
     return path

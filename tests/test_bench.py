@@ -26,6 +26,10 @@ def test_quick_benchmarks_run_and_report_every_figure(tmp_path: Path) -> None:
     assert results["memory"]["peak_rss_mb"] > 0
     assert len(results["kill_loss"]["loss_s"]) == 1
     assert {"opus_12k", "g711_alaw"} <= set(results["quality"]["pesq_nb"])
+    detection = results["detection"]["cpu_s_per_audio_hour"]
+    assert all(detection[k] > 0 for k in ("idle_silent", "call_progress", "busy_watch",
+                                          "echo_check", "libopus"))
     text = report.read_text()
-    for figure in ("bare libopus", "opusenc", "lines per core", "Peak RSS", "kill -9", "PESQ"):
+    for figure in ("bare libopus", "opusenc", "lines per core", "Peak RSS", "kill -9", "PESQ",
+                   "Line signal detection"):
         assert figure in text

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
 from simhelpers import linerec, sim_config
 
-from linerec.daemon.config import ConfigError, load_config
-from linerec.daemon.simulate import packaged_disclosure
+from linerec.daemon.config import ConfigError, load_config, packaged_disclosure
 
 
 def test_the_simulated_layout_is_a_valid_config(tmp_path: Path) -> None:
@@ -89,17 +89,69 @@ def test_disclosure_problems_are_config_errors(tmp_path: Path) -> None:
     path = sim_config(tmp_path, disclosure=missing)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
-    assert caught.value.key == "line[0].disclosure" and "not found" in caught.value.problem
+    assert caught.value.key == "disclosure[0].parts[0].file"
+    assert "not found" in caught.value.problem and str(missing) in caught.value.problem
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"not audio at all")
     path = sim_config(tmp_path, disclosure=junk)
     with pytest.raises(ConfigError, match="not a readable PCM WAV"):
         load_config(path)
-    text = sim_config(tmp_path).read_text().replace('playback_channel = 0',
-                                                    'playback_channel = 0\ndisclosure_max_s = 2.0')
-    path.write_text(text)
-    with pytest.raises(ConfigError, match=r"lasts 7\.\d s, over disclosure_max_s"):
+    broken_opus = tmp_path / "broken.opus"
+    broken_opus.write_bytes(b"OggS" + bytes(100))
+    path = sim_config(tmp_path, disclosure=broken_opus)
+    with pytest.raises(ConfigError, match="not a usable Ogg Opus file"):
         load_config(path)
+    text = sim_config(tmp_path).read_text().replace('purpose = "service"\n',
+                                                    'purpose = "service"\nmax_s = 2.0\n')
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"lasts 6\.\d s with its pauses, over max_s = 2"):
+        load_config(path)
+
+
+POLICY_MISTAKES = [
+    (('lawful_basis = "contract"', 'lawful_basis = "because"'), "purpose[0].lawful_basis",
+     "use one of contract"),
+    (("retention_days = 90", "retention_days = 0"), "purpose[0].retention_days", "out of range"),
+    (('purpose = "service"\n', 'purpose = "sales"\n'), "disclosure[0].purpose",
+     "no [[purpose]] is named 'sales'"),
+    (('language = "en"', 'language = "English"'), "disclosure[0].parts[0].language",
+     "ISO 639-1"),
+    (('disclosure = "welcome"\n', 'disclosure = "welcom"\n'), "line[1].disclosure",
+     "no [[disclosure]] is named 'welcom'"),
+    (("led_pin = 25", "led_pin = 25\npolarity_pin = 17"), "line[1].polarity_pin",
+     "already used"),
+    (("led_pin = 25", 'led_pin = 25\noutbound_disclosure = "x"'), "line[1].outbound_disclosure",
+     "no [[disclosure]]"),
+]
+
+
+@pytest.mark.parametrize(("change", "key", "words"), POLICY_MISTAKES)
+def test_purpose_disclosure_and_number_mistakes_are_named(
+        tmp_path: Path, change: tuple[str, str], key: str, words: str) -> None:
+    path = sim_config(tmp_path)
+    old, new = change
+    text = path.read_text()
+    assert old in text
+    path.write_text(text[::-1].replace(old[::-1], new[::-1], 1)[::-1])
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == key and words in caught.value.problem
+
+
+def test_number_rules_and_a_missing_purpose_are_checked(tmp_path: Path) -> None:
+    path = sim_config(tmp_path, extra='\n[numbers]\nnever_record = ["020-12 34", "abc"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "numbers.never_record[1]" and "'abc'" in caught.value.problem
+    path = sim_config(tmp_path, extra='\n[numbers]\nonly_record = "0800*"\n')
+    with pytest.raises(ConfigError, match="list of strings"):
+        load_config(path)
+    text = sim_config(tmp_path).read_text()
+    start, end = text.index("[[purpose]]"), text.index("[[disclosure]]")
+    path.write_text(text[:start] + text[end:])
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "purpose" and "lawful basis" in caught.value.problem
 
 
 def test_broken_or_missing_files(tmp_path: Path) -> None:
@@ -118,10 +170,9 @@ def test_broken_or_missing_files(tmp_path: Path) -> None:
 
 def test_relative_disclosure_is_taken_from_the_config_folder(tmp_path: Path) -> None:
     path = sim_config(tmp_path)
-    disclosure = load_config(path).line[0].disclosure
-    (tmp_path / "notice.wav").write_bytes(disclosure.read_bytes())
-    path.write_text(path.read_text().replace(f'"{disclosure}"', '"notice.wav"'))
-    assert load_config(path).line[0].disclosure == tmp_path / "notice.wav"
+    (tmp_path / "notice.wav").write_bytes(packaged_disclosure("en").read_bytes())
+    path.write_text(path.read_text().replace(f'"{packaged_disclosure("en")}"', '"notice.wav"'))
+    assert load_config(path).disclosure[0].parts[0].file == tmp_path / "notice.wav"
 
 
 def test_the_documented_example_is_a_valid_config(tmp_path: Path) -> None:
@@ -129,10 +180,15 @@ def test_the_documented_example_is_a_valid_config(tmp_path: Path) -> None:
     example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
     disclosure = tmp_path / "disclosure-nl.wav"
     disclosure.write_bytes(packaged_disclosure("nl").read_bytes())
+    opus = tmp_path / "disclosure-en.opus"
+    subprocess.run(["opusenc", "--quiet", str(packaged_disclosure("en")), str(opus)], check=True)
     path = tmp_path / "linerec.toml"
-    path.write_text(example.replace("/etc/linerec/disclosure-nl.wav", str(disclosure)))
+    path.write_text(example.replace("/etc/linerec/disclosure-nl.wav", str(disclosure))
+                    .replace("/etc/linerec/disclosure-en.opus", str(opus)))
     config = load_config(path)
     assert [line.name for line in config.line] == ["line1", "line2"]
+    assert config.disclosure[0].languages == ["nl", "en"]
+    assert config.numbers.never_record == ("0201234567", "+31 30 *")
     assert config.mqtt is not None and "change-me" not in repr(config.mqtt)
 
 
@@ -145,4 +201,5 @@ def test_a_wav_header_with_no_sample_rate_is_named(tmp_path: Path) -> None:
                        + b"data" + struct.pack("<I", len(data)) + data)
     result = linerec("check-config", str(sim_config(tmp_path, disclosure=broken)))
     assert result.returncode == 2, result.stderr
-    assert "line[0].disclosure" in result.stderr and "sample rate of 0 Hz" in result.stderr
+    assert "disclosure[0].parts[0].file" in result.stderr
+    assert "sample rate of 0 Hz" in result.stderr

@@ -32,7 +32,7 @@ from simhelpers import (
 )
 
 from linerec.audio.pcm import load_line_audio
-from linerec.daemon.simulate import packaged_disclosure
+from linerec.daemon.config import packaged_disclosure
 
 
 def test_inbound_call_is_recorded_after_the_disclosure(
@@ -79,7 +79,9 @@ def test_inbound_call_is_recorded_after_the_disclosure(
     # caller speaks, the line carries only the disclosure the daemon played into it.
     line_audio = read_wav(tmp_path / "work" / "line1.line.wav")
     before_speech = line_audio[: round(speech_at * RATE)]
-    disclosure_end_on_line = int(np.flatnonzero(before_speech)[-1]) + 1
+    disclosure = load_line_audio(packaged_disclosure("en"), RATE).astype(np.float64)
+    silent_tail = len(disclosure) - 1 - int(np.flatnonzero(disclosure)[-1])
+    disclosure_end_on_line = int(np.flatnonzero(before_speech)[-1]) + 1 + silent_tail
     onhook = round(onhook_at * RATE)
 
     decoded = decode(opus, tmp_path)
@@ -97,7 +99,6 @@ def test_inbound_call_is_recorded_after_the_disclosure(
 
     # What the daemon played into the line is exactly the disclosure.
     played = read_wav(tmp_path / "work" / "line1.played.wav")
-    disclosure = load_line_audio(packaged_disclosure("en"), RATE).astype(np.float64)
     start = events[1]["sample"]
     assert not played[:start].any()
     np.testing.assert_array_equal(played[start : start + len(disclosure)], disclosure)
@@ -126,15 +127,17 @@ def test_onhook_during_disclosure_records_nothing(tmp_path: Path, caller_speech:
     assert receipt["recording"] is None
 
 
-def test_outbound_call_fails_closed(tmp_path: Path, caller_speech: Path) -> None:
-    """Off-hook without ringing: the far end has not answered, so no notice can reach it."""
+def test_outbound_call_hung_up_before_an_answer_is_not_recorded(tmp_path: Path,
+                                                                 caller_speech: Path) -> None:
+    """Off-hook without ringing: the far end has not answered (no ringback was heard, so
+    the speech is not taken as an answer), so no notice can reach it."""
     scenario = write_scenario(tmp_path, step(1.0, "offhook")
                               + step(4.0, "audio", file=str(caller_speech))
                               + step(10.0, "onhook"), duration=12.0)
     events = run_sim(tmp_path, scenario, sim_config(tmp_path))
     assert [e["event"] for e in events] == ["call_started", "disclosure_failed", "call_ended"]
     assert events[0]["direction"] == "outbound"
-    assert "outbound" in events[1]["reason"]
+    assert "before the far end answered" in events[1]["reason"]
     assert recordings(tmp_path) == []
     assert not read_wav(tmp_path / "work" / "line1.played.wav").any()
 
@@ -191,11 +194,16 @@ def test_bad_scenario_audio_file_is_named(tmp_path: Path) -> None:
     assert "noise.wav" in result.stderr and "step[0].file" in result.stderr, result.stderr
 
 
-def test_unsupported_steps_are_named(tmp_path: Path) -> None:
-    scenario = write_scenario(tmp_path, step(1.0, "dtmf", digits="0201234567"), duration=5.0)
-    result = linerec("simulate", "--scenario", str(scenario))
-    assert result.returncode == 2
-    assert "step[0].do" in result.stderr and "'dtmf'" in result.stderr
+def test_bad_signal_steps_are_named(tmp_path: Path) -> None:
+    for body, key, words in (
+            (step(1.0, "dtmf", digits="02x"), "step[0].digits", "digits"),
+            (step(1.0, "tone", kind="beep"), "step[0].kind", "'beep' is not one of"),
+            (step(1.0, "callerid", number="+31201234567"), "step[0].number", "no +"),
+            (step(1.0, "pulse", digits="*1"), "step[0].digits", "0123456789")):
+        scenario = write_scenario(tmp_path, body, duration=5.0)
+        result = linerec("simulate", "--scenario", str(scenario))
+        assert result.returncode == 2, result.stderr
+        assert key in result.stderr and words in result.stderr, result.stderr
 
 
 def test_a_call_in_progress_is_closed_cleanly_at_shutdown(tmp_path: Path,
