@@ -27,7 +27,13 @@ from linerec.audio.recording import fsync_dir
 from linerec.daemon.events import EventBus, EventKind, make_event
 from linerec.daemon.ledger import EntryKind, Ledger, LedgerState
 from linerec.daemon.numbers import number_matches
-from linerec.daemon.paths import CALL_ID_PATTERN, RECEIPT_SUFFIX, check_call_id, receipt_path
+from linerec.daemon.paths import (
+    CALL_ID_PATTERN,
+    RECEIPT_SUFFIX,
+    RECORDING_SUFFIX,
+    check_call_id,
+    receipt_path,
+)
 from linerec.daemon.receipt import SEALED_STATES, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -697,6 +703,13 @@ def _check_call(storage: Path, call_id: str, state: LedgerState, call: Call | No
             found.append(Break(file, "the recording its receipt names is missing"))
         elif file_sha256(file) != recording["sha256"]:
             found.append(Break(file, "the recording differs from the sha256 in its receipt"))
+    # A recording beside a receipt that does not name it: put there by hand, or kept for a
+    # call its receipt says was not recorded (a never_record number, a failed disclosure).
+    named = str(recording.get("file")) if isinstance(recording, dict) else None
+    for other in sorted(call.folder.glob(f"{call_id}{RECORDING_SUFFIX}*")):
+        if other.name != named:
+            found.append(Break(other, "a recording its receipt does not name: the receipt "
+                               "says this call was not recorded, or recorded to another file"))
     return found
 
 

@@ -264,7 +264,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     # Events go to the screen, readable; the log would only repeat them.
     logging.getLogger("linerec").setLevel(logging.WARNING)
-    print("linerec demo: an inbound call on the simulated HAT (real ALSA, GPIO, Opus code)")
+    print("linerec demo: a call received on line1 and a call made on line2, on the simulated "
+          "HAT (real ALSA, GPIO, Opus code)")
     status = _simulate(args, demo_scenario(),
                        lambda config: [DemoPrinter(sys.stdout, config.audio.rate)])
     if status == 0:

@@ -132,8 +132,10 @@ class LineConfig:
     onhook_confirm_ms: int = field(default=800, metadata=_range(100, 2000))
     """On-hook must last this long to end a call; shorter loop breaks are pulse dialling
     or hook-flash (milliseconds)."""
-    ring_window_s: float = field(default=6.0, metadata=_range(1.0, 30.0))
-    """Off-hook within this time after a ring answers an inbound call (seconds)."""
+    ring_window_s: float = field(default=6.0, metadata=_range(5.0, 30.0))
+    """Off-hook within this time after a ring answers an inbound call (seconds); longer
+    than the pause between two rings (4 s in the Netherlands), or a call answered in that
+    pause would pass for one the office makes."""
     outbound_disclosure: str = ""
     """Name of the [[disclosure]] for calls this line makes; empty: ``disclosure``."""
     polarity_pin: int | None = field(default=None, metadata=_range(0, 53))
@@ -157,6 +159,9 @@ class LineConfig:
         return {"inbound": self.disclosure,
                 "outbound": self.outbound_disclosure or self.disclosure}
 
+
+PULSE_BREAK_MS = 60
+"""The loop break of one dial pulse (10 pulses per second, 60 ms break / 40 ms make)."""
 
 LAWFUL_BASES = ("contract", "legitimate_interests", "legal_obligation", "consent",
                 "vital_interests", "public_task")
@@ -452,10 +457,18 @@ def _check_references(config: Config) -> None:
                 fail(f"{where}.{pin_key}", f"GPIO {pin} is already used as {pins[pin]}")
             pins[pin] = f"{line.name}.{pin_key}"
         period_ms = config.audio.period_frames * 1000 / config.audio.rate
+        rules = config.numbers.never_record or config.numbers.only_record
+        if rules and line.hook_debounce_ms + period_ms > PULSE_BREAK_MS:
+            fail(f"{where}.hook_debounce_ms",
+                 f"with number rules, hook_debounce_ms + one period ({line.hook_debounce_ms} + "
+                 f"{period_ms:g} ms) must be at most {PULSE_BREAK_MS} ms, or the dial pulses "
+                 "of a pulse-dialled number pass for contact bounce and no rule sees it")
         if line.onhook_confirm_ms < line.hook_debounce_ms + period_ms:
             fail(f"{where}.onhook_confirm_ms",
                  f"must be at least hook_debounce_ms + one period "
                  f"({line.hook_debounce_ms + period_ms:g} ms), or a hang-up could pass for bounce")
+        if not line.disclosure:
+            fail(f"{where}.disclosure", "name the [[disclosure]] this line plays")
         for key, name in (("disclosure", line.disclosure),
                           ("outbound_disclosure", line.outbound_disclosure)):
             if name and name not in disclosures:

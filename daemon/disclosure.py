@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from linerec.audio.pcm import AudioFileError, load_line_audio, read_audio_file
 from linerec.daemon.config import Config, DisclosureConfig, PurposeConfig, disclosure_files
@@ -100,12 +99,12 @@ class EchoCheck:
         self._first = first
         self._lags = max_lag + 1
         self._length = len(played)
-        self._played = played.astype(np.float32)
         # Zeros on both sides: a window that reaches before or past the notice reads 0.
-        self._padded = np.concatenate([np.zeros(self._lags, np.float32), self._played,
+        self._padded = np.concatenate([np.zeros(self._lags, np.float32),
+                                       played.astype(np.float32),
                                        np.zeros(self._lags, np.float32)])
         self._sums = np.zeros(self._lags)
-        self._heard = np.zeros(self._length + self._lags, np.float32)
+        self._heard = np.zeros(self._length + self._lags, np.int16)
 
     def feed(self, samples: np.ndarray, position: int) -> None:
         """Captured line samples [position, position + len(samples))."""
@@ -113,23 +112,23 @@ class EchoCheck:
         hi = min(position + len(samples), self._first + len(self._heard))
         if hi <= lo:
             return
-        chunk = samples[lo - position : hi - position].astype(np.float32)
+        chunk = samples[lo - position : hi - position]
         offset = lo - self._first
         self._heard[offset : offset + len(chunk)] = chunk
-        # Window i starts at played index offset - (lags - 1) + i, which is lag lags-1-i.
-        start = offset + 1  # offset - (lags - 1) + lags in the padded array
-        segment = self._padded[start : start + len(chunk) + self._lags - 1]
+        # Sum i slides the chunk over the notice from played index offset - (lags - 1) + i:
+        # that is delay lags - 1 - i. (offset + 1 is that start in the padded array.)
+        segment = self._padded[offset + 1 : offset + len(chunk) + self._lags]
         if len(segment) < len(chunk) + self._lags - 1:
             segment = np.concatenate([segment, np.zeros(
                 len(chunk) + self._lags - 1 - len(segment), np.float32)])
-        windows = sliding_window_view(segment, len(chunk))
-        self._sums += (windows @ chunk)[::-1]
+        self._sums += np.correlate(segment, chunk.astype(np.float32), "valid")[::-1]
 
     def score(self) -> tuple[float, int]:
         """The best normalised correlation (0 to 1) and the delay where it was found."""
         lag = int(np.argmax(np.abs(self._sums)))
         heard = self._heard[lag : lag + self._length].astype(np.float64)
-        energy = float(np.dot(heard, heard)) * float(np.dot(self._played, self._played))
+        played = self._padded[self._lags : self._lags + self._length].astype(np.float64)
+        energy = float(np.dot(heard, heard)) * float(np.dot(played, played))
         if energy <= 0.0:
             return 0.0, lag
         return float(abs(self._sums[lag]) / np.sqrt(energy)), lag

@@ -2,8 +2,8 @@
 
 A line moves through these states, one tick (one capture period) at a time:
 
-    IDLE ──ring──▶ RINGING ──off-hook──────────────────────┐ (inbound: notice at off-hook)
-     │                                                     ▼
+    IDLE ──ring──▶ RINGING ──off-hook──▶ ANSWERING ────────┐ (inbound: notice at off-hook)
+     │                          (dial tone: outbound)      ▼
      └──off-hook, no ring──▶ DIALLING ──far end answers──▶ DISCLOSING ──heard──▶ RECORDING
                                │  (outbound: digits,       │                        │
                                │   ringback, polarity)     │ failed: file, output,  │ capture
@@ -23,6 +23,7 @@ recording at the first sample after the disclosure left the line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -62,11 +63,22 @@ PULSE_BREAK_MAX_MS = 85
 is shorter than an on-hook is a hook-flash."""
 PULSE_DIGIT_GAP_MS = 300
 """The loop closed this long after a pulse ends the digit (pulses are 40 ms apart)."""
+DIAL_TONE_CHECK_S = 0.3
+"""An inbound off-hook listens this long for dial tone before the notice plays: dial tone
+means the caller had given up and the office is making a call instead."""
+QUIET_AFTER_S = 0.75
+"""After the disclosure has left the line, this long without a call progress tone shows the
+far end did not hang up during it (busy is 0.5 s on / 0.5 s off)."""
+BUSY_DECIDE_S = 3.0
+"""With a tone after the disclosure, how long to wait for a busy cadence to show (three
+bursts) before the recording starts anyway. The ring holds the audio meanwhile."""
 
 
 class LineState(StrEnum):
     IDLE = "idle"
     RINGING = "ringing"
+    ANSWERING = "answering"
+    """Off-hook after ringing: listening a moment for dial tone before the notice plays."""
     DIALLING = "dialling"
     """Outbound: off-hook without ringing; waiting for the far end to answer."""
     DISCLOSING = "disclosing"
@@ -186,6 +198,7 @@ class Call:
     dialled: str = ""
     dialled_by: set[str] = field(default_factory=set)
     rule: str | None = None
+    polarity_at_offhook: bool = False
     answered_at: int | None = None
     answered_by: str | None = None
     disclosure: PreparedDisclosure | None = None
@@ -273,6 +286,8 @@ class Line:
         self._last_ring: int | None = None
         self._silence = np.zeros(0, dtype=np.int16)
         self._output_failed = False
+        self._played_until = 0
+        self._last_frames = capture_period
         self._dtmf = DtmfDetector(self._rate)
         self._clip = DtmfClipParser(self._rate)
         self._fsk = FskCallerIdDecoder(self._rate)
@@ -308,7 +323,9 @@ class Line:
                 self._progress.feed(heard, start)
             if onhook:
                 assert hook is not None
-                if state in (LineState.DIALLING, LineState.DISCLOSING):
+                if state is LineState.ANSWERING:
+                    self._begin_call()
+                if state in (LineState.ANSWERING, LineState.DIALLING, LineState.DISCLOSING):
                     self._fail_disclosure(
                         "on-hook before the far end answered" if state is LineState.DIALLING
                         else "on-hook before the disclosure finished", hook.at,
@@ -316,6 +333,8 @@ class Line:
                 self._end_call(hook.at, "onhook")
             elif self._far_end_gone(end):
                 pass
+            elif state is LineState.ANSWERING:
+                self._answering(start, end)
             elif state is LineState.DIALLING:
                 self._dialling(hook, heard, start, end)
             elif state is LineState.DISCLOSING:
@@ -367,7 +386,9 @@ class Line:
         busy = self._progress.busy_since()
         if busy is None:
             return False
-        if self.state in (LineState.DIALLING, LineState.DISCLOSING):
+        if self.state is LineState.ANSWERING:
+            self._begin_call()
+        if self.state in (LineState.ANSWERING, LineState.DIALLING, LineState.DISCLOSING):
             self._fail_disclosure("busy tone: the far end is not, or no longer, on the line",
                                   end, line_fault=False)
         if end - busy >= self.config.busy_tone_end_s * self._rate:
@@ -381,17 +402,23 @@ class Line:
         assert call is not None
         if hook is not None and hook.edge is HookEdge.BREAK:
             self._pulses.loop_break(hook.at, hook.length)
+        digits = []
         if (digit := self._pulses.digit(end)) is not None:
-            call.dialled += digit
-            call.dialled_by.add("pulse")
+            digits.append((digit, "pulse"))
         if heard is not None:
-            for tone in self._dtmf.feed(heard, start):
-                call.dialled += tone.symbol
-                call.dialled_by.add("dtmf")
+            digits += [(tone.symbol, "dtmf") for tone in self._dtmf.feed(heard, start)]
+        for symbol, how in digits:
+            call.dialled += symbol
+            call.dialled_by.add(how)
+            call.number = call.dialled
+            call.number_source = ("dialled_" + how if call.dialled_by == {how}
+                                  else "dialled")
         answered_by = None
         if self._polarity_input is not None:
-            # The HAT sees the exchange reverse the line when the far end answers.
-            if self._polarity_input.is_active:
+            # The HAT sees the exchange reverse the line when the far end answers: a change
+            # from the level at off-hook, so that a line wired the other way round does not
+            # pass for answered from the start.
+            if self._polarity_input.is_active != call.polarity_at_offhook:
                 answered_by = "polarity_reversal"
         elif self._progress.ringback_bursts and not self._progress.tone_active:
             speech = self._progress.speech_since()
@@ -420,12 +447,26 @@ class Line:
             self._fail_disclosure("the line output ran dry (underrun) during the disclosure",
                                   end)
         elif self._disclosure_line_end(call) is not None \
-                and call.heard_by(end - self._hook.debounce):
+                and call.heard_by(end - self._hook.debounce) and self._far_end_stayed(call, end):
             # Waiting one debounce past the end lets a loop break that began just before
             # it show itself as loop_open first.
             heard_proof = self._complete_disclosure()
             if heard_proof is not None:
                 self._arm_recording(heard_proof)
+
+    def _far_end_stayed(self, call: Call, end: int) -> bool:
+        """Did the far end stay on the line through the disclosure? A busy tone that began
+        during it is hidden under the notice's own echo, so the line listens on after the
+        end: quiet (no tone) for QUIET_AFTER_S, or a tone that is no busy cadence within
+        BUSY_DECIDE_S (a busy one fails the disclosure in _far_end_gone meanwhile). The
+        recording still starts at the disclosure's end; the ring holds the audio."""
+        assert call.disclosure_line_end is not None
+        after = end - call.disclosure_line_end
+        progress = self._progress
+        tone_after = progress.tone_active or (progress.last_tone_end or -1) > \
+            call.disclosure_line_end
+        wait = BUSY_DECIDE_S if tone_after else QUIET_AFTER_S
+        return after >= wait * self._rate
 
     def note_capture_gap(self, position: int, lost: int, cause: str) -> None:
         """The capture lost ``lost`` samples at ``position`` (now silence). While it was
@@ -441,7 +482,9 @@ class Line:
         blind = cause == "device" or lost >= self._hook.onhook_confirm
         if not blind:
             return
-        if self.state in (LineState.DIALLING, LineState.DISCLOSING):
+        if self.state is LineState.ANSWERING:
+            self._begin_call()
+        if self.state in (LineState.ANSWERING, LineState.DIALLING, LineState.DISCLOSING):
             self._fail_disclosure("the capture was lost before the disclosure finished, so "
                                   "the line was not watched", position, line_fault=False)
         elif self.state is LineState.RECORDING:
@@ -458,6 +501,11 @@ class Line:
     def fault(self, position: int, exc: BaseException) -> None:
         """An unexpected error in this line: end the call safely and start over idle."""
         self._emit(EventKind.ERROR, position, message=f"internal error on line {self.name}: {exc}")
+        if self._played_until <= position:
+            # The failed tick never queued its period: the line output would run a period
+            # short from here on, for every line of its playback device.
+            with contextlib.suppress(Exception):
+                self._play(position, self._last_frames)
         try:
             self._close_call(position, "error")
         except Exception:
@@ -469,7 +517,9 @@ class Line:
             self.state = LineState.IDLE
 
     def _close_call(self, position: int, reason: str) -> None:
-        if self.state in (LineState.DIALLING, LineState.DISCLOSING):
+        if self.state is LineState.ANSWERING:
+            self._begin_call()
+        if self.state in (LineState.ANSWERING, LineState.DIALLING, LineState.DISCLOSING):
             self._fail_disclosure(f"the call was closed before the disclosure finished "
                                   f"({reason})", position, line_fault=False)
         if self.call is not None:
@@ -480,37 +530,60 @@ class Line:
 
     def _offhook(self, offhook_at: int, now: int) -> None:
         inbound = self._last_ring is not None and offhook_at - self._last_ring < self._ring_window
-        direction = "inbound" if inbound else "outbound"
         started = self._clock.timestamp(self._capture_name, offhook_at)
         call = Call(
             call_id=new_call_id(self.name, started),
-            direction=direction,
+            direction="inbound" if inbound else "outbound",
             offhook_sample=offhook_at,
             started_at=started,
-            disclosure_name=self.config.disclosure_for[direction],
+            disclosure_name=self.config.disclosure_for["inbound" if inbound else "outbound"],
         )
         self.call = call
+        caller_id, self._caller_id = self._caller_id, None
+        if self._polarity_input is not None:
+            call.polarity_at_offhook = self._polarity_input.is_active
+        self._pulses = PulseDialling(self._rate)
         self._progress.reset()
-        # Speech matters only as the answer of an outbound call; the busy tone always does.
-        self._progress.listen_for_speech = not inbound
         self._dtmf.reset()
-        if inbound:
-            caller_id, self._caller_id = self._caller_id, None
-            if caller_id is not None:
-                call.number = caller_id.number
-                call.caller_name = caller_id.name
-                call.number_source = f"clip_{caller_id.source}"
-                call.number_unknown = None if caller_id.number else \
-                    (caller_id.absence or "not sent")
-            else:
-                call.number_unknown = "no caller id received"
-        self._emit(EventKind.CALL_STARTED, offhook_at, direction=direction)
-        self._save_receipt(call, offhook_at)
-        if inbound:
-            self._start_disclosure(now)
-        else:
+        if not inbound:
             # The far end hears nothing until it answers: the notice waits for the answer.
+            self._progress.listen_for_speech = True
+            self._begin_call()
             self.state = LineState.DIALLING
+            return
+        # Speech matters only as the answer of an outbound call; tones always do.
+        self._progress.listen_for_speech = False
+        if caller_id is not None:
+            call.number = caller_id.number
+            call.caller_name = caller_id.name
+            call.number_source = f"clip_{caller_id.source}"
+            call.number_unknown = None if caller_id.number else \
+                (caller_id.absence or "not sent")
+        else:
+            call.number_unknown = "no caller id received"
+        self.state = LineState.ANSWERING
+
+    def _answering(self, start: int, end: int) -> None:
+        """Ringing, then off-hook: an answered call, unless the line gives dial tone (the
+        caller had given up just before; the office is making a call of its own)."""
+        call = self.call
+        assert call is not None
+        if self._progress.tone_active:
+            call.direction = "outbound"
+            call.disclosure_name = self.config.disclosure_for["outbound"]
+            call.number = call.caller_name = call.number_source = call.number_unknown = None
+            self._progress.listen_for_speech = True
+            self._begin_call()
+            self.state = LineState.DIALLING
+        elif end - call.offhook_sample >= DIAL_TONE_CHECK_S * self._rate:
+            self._begin_call()
+            self._start_disclosure(start)
+
+    def _begin_call(self) -> None:
+        call = self.call
+        assert call is not None
+        self._emit(EventKind.CALL_STARTED, call.offhook_sample, direction=call.direction)
+        self._save_receipt(call, call.offhook_sample)
 
     def _answered(self, how: str, now: int) -> None:
         call = self.call
@@ -518,11 +591,7 @@ class Line:
         call.answered_at = now
         call.answered_by = how
         self._progress.listen_for_speech = False
-        if call.dialled:
-            call.number = call.dialled
-            call.number_source = ("dialled_" + next(iter(call.dialled_by))
-                                  if len(call.dialled_by) == 1 else "dialled")
-        else:
+        if not call.dialled:
             call.number_unknown = "no digits were seen (dialled before off-hook, or by a "\
                 "phone that sends them some other way)"
         self._emit(EventKind.CALL_ANSWERED, now, answered_by=how)
@@ -677,7 +746,8 @@ class Line:
             recording.abandon()
             call.recording_summary = {"file": recording.part_path.name, "status": "incomplete",
                                       "first_sample": call.recording_first_sample,
-                                      "error": str(exc)}
+                                      "error": str(exc), "lost_samples": call.lost_samples,
+                                      "capture_gaps": call.capture_gaps}
             call.recording = None
             self._led.off()
             self.state = LineState.UNRECORDED
@@ -706,6 +776,8 @@ class Line:
                 "status": "incomplete",
                 "first_sample": first,
                 "error": str(exc),
+                "lost_samples": call.lost_samples,
+                "capture_gaps": call.capture_gaps,
             }
             self._emit(EventKind.ERROR, stop,
                        message=f"closing the recording {recording.path} failed: {exc}; "
@@ -753,6 +825,8 @@ class Line:
         silence, so the output runs in step with the capture clock."""
         call = self.call
         end = start + frames
+        self._played_until = end
+        self._last_frames = frames
         ticket = None
         disclosing = (self.state is LineState.DISCLOSING and call is not None
                       and call.disclosure is not None)
@@ -830,6 +904,17 @@ class Line:
         disclosure = (call.disclosure.receipt() if call.disclosure is not None
                       else self._disclosures.describe(call.disclosure_name))
         started = call.started_at
+        # Data minimisation: a number under a never_record rule is never written, whether
+        # or not the call got as far as the rule being applied.
+        rule = call.rule or (NEVER_RECORD if self._rules.rule_for(call.number) == NEVER_RECORD
+                             else None)
+        if rule == NEVER_RECORD:
+            number: dict[str, Any] = {"value": None, "source": None, "name": None,
+                                      "unknown_reason": "withheld by the never_record rule"}
+        else:
+            number = {"value": call.number, "source": call.number_source,
+                      "name": call.caller_name,
+                      "unknown_reason": None if call.number else call.number_unknown}
         receipt = {
             "schema": RECEIPT_SCHEMA,
             "call_id": call.call_id,
@@ -837,10 +922,8 @@ class Line:
             "line": self.name,
             "device_id": self._device_id,
             "direction": call.direction,
-            "number": {"value": call.number, "source": call.number_source,
-                       "name": call.caller_name,
-                       "unknown_reason": None if call.number else call.number_unknown},
-            "rule": call.rule,
+            "number": number,
+            "rule": rule,
             "started_at": iso_ms(started),
             "ended_at": iso_ms(ended) if ended else None,
             "end_reason": reason,
@@ -864,6 +947,8 @@ class Line:
                 "completed_at": iso_ms(call.disclosure_completed_at)
                 if call.disclosure_completed_at else None,
                 "status": disclosure_status,
+                "played_s": round(call.disclosure_written / self._rate, 3)
+                if call.disclosure_started_at else None,
                 "failure": call.disclosure_failure,
                 "verification": call.verification,
             },

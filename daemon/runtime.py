@@ -31,9 +31,10 @@ STOP_TIMEOUT_S = 3.0
 """How long each thread gets to stop; all of them together stay well inside the unit's
 TimeoutStopSec, so systemd never has to kill a recorder that is closing its files."""
 
-RING_SECONDS = 4
+RING_SECONDS = 8
 """Each line's ring holds at least this much audio: the engine may fall this far behind
-the capture before audio is lost."""
+the capture before audio is lost, less the up to 3 s a line listens for a busy tone after
+its disclosure before it starts the recording from the disclosure's end."""
 
 
 def lock_memory() -> bool:

@@ -45,6 +45,7 @@ CALLER_ID_FORMATS = ("dtmf", "fsk")
 DTMF_CLIP_FORMS = ("A", "D", "#")
 ABSENCE = ("private", "unavailable")
 DIGITS = "0123456789*#ABCD"
+MAX_CALLER_NAME = 50
 
 
 class ScenarioError(ValueError):
@@ -271,6 +272,12 @@ def _check_signal_params(params: dict[str, Any], do: str, where: str,
     for key in ("number", "name"):
         if key in params and not isinstance(params[key], str):
             raise fail(f"{where}.{key}", "expected a string in quotes")
+    if "name" in params:
+        name = params["name"]
+        if not name or len(name) > MAX_CALLER_NAME or not name.isprintable() \
+                or not all(ord(c) < 256 for c in name):
+            raise fail(f"{where}.name", f"expected 1 to {MAX_CALLER_NAME} printable Latin-1 "
+                       "characters (what an FSK caller id carries)")
     if do == "callerid" and "number" in params and not all(
             c in "+0123456789" for c in params["number"]):
         raise fail(f"{where}.number", "expected digits, with an optional leading +")

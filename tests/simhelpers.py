@@ -12,6 +12,7 @@ import wave
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -158,7 +159,17 @@ def recordings(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "recordings").rglob("*.opus*"))
 
 
+RECEIPT_SCHEMA = json.loads(
+    (Path(__file__).resolve().parent.parent / "docs" / "receipt.schema.json").read_text())
+
+
 def receipts(tmp_path: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in (tmp_path / "recordings").rglob("*.json")]
+    """The receipts a simulation wrote, each checked against the documented schema."""
+    validator = jsonschema.Draft202012Validator(
+        RECEIPT_SCHEMA, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
+    found = [json.loads(p.read_text()) for p in (tmp_path / "recordings").rglob("*.json")]
+    for receipt in found:
+        validator.validate(receipt)
+    return found
 
 

@@ -179,6 +179,21 @@ def test_a_receipt_removed_behind_the_audit_log_is_a_break(tmp_path: Path) -> No
         "removed or moved by hand"]
 
 
+def test_a_recording_beside_a_receipt_that_names_none_is_a_break(tmp_path: Path) -> None:
+    recorded = store_call(tmp_path, DAY)
+    started = DAY + timedelta(minutes=5)
+    call_id = new_call_id("line1", started)
+    unrecorded = call_folder(tmp_path, started) / f"{call_id}.json"
+    seal_receipt(tmp_path, unrecorded, receipt_for(call_id, started, recording=None,
+                                                   number=None))
+    assert breaks(tmp_path) == []
+    smuggled = unrecorded.with_suffix(".opus")
+    smuggled.write_bytes(recorded.with_suffix(".opus").read_bytes())
+    assert breaks(tmp_path) == [f"{smuggled}: a recording its receipt does not name: the "
+                                "receipt says this call was not recorded, or recorded to "
+                                "another file"]
+
+
 def test_verify_usage_errors(tmp_path: Path) -> None:
     result = run_linerec("verify", str(tmp_path / "nowhere"))
     assert result.returncode == 2

@@ -122,6 +122,10 @@ POLICY_MISTAKES = [
      "already used"),
     (("led_pin = 25", 'led_pin = 25\noutbound_disclosure = "x"'), "line[1].outbound_disclosure",
      "no [[disclosure]]"),
+    (('disclosure = "welcome"\n', 'disclosure = ""\n'), "line[1].disclosure",
+     "name the [[disclosure]]"),
+    (("led_pin = 25", "led_pin = 25\nring_window_s = 3.0"), "line[1].ring_window_s",
+     "out of range"),
 ]
 
 
@@ -136,6 +140,17 @@ def test_purpose_disclosure_and_number_mistakes_are_named(
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert caught.value.key == key and words in caught.value.problem
+
+
+def test_number_rules_need_a_hook_filter_that_sees_dial_pulses(tmp_path: Path) -> None:
+    rules = '\n[numbers]\nnever_record = ["0201234567"]\n'
+    load_config(sim_config(tmp_path, line_extra="hook_debounce_ms = 40", extra=rules))
+    path = sim_config(tmp_path, line_extra="hook_debounce_ms = 70", extra=rules)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "line[0].hook_debounce_ms"
+    assert "dial pulses" in caught.value.problem
+    load_config(sim_config(tmp_path, line_extra="hook_debounce_ms = 70"))  # no rules: fine
 
 
 def test_number_rules_and_a_missing_purpose_are_checked(tmp_path: Path) -> None:

@@ -157,6 +157,72 @@ def test_outbound_never_answered_is_not_recorded(tmp_path: Path) -> None:
     assert failed["sample"] == pytest.approx(8.5 * RATE, abs=160)
     assert recordings(tmp_path) == []
     assert not read_wav(tmp_path / "work" / "line1.played.wav").any()
+    # What was dialled is in the receipt all the same, with why nothing was recorded.
+    [receipt] = receipts(tmp_path)
+    assert receipt["number"]["value"] == "0201234567"
+    assert receipt["number"]["source"] == "dialled_dtmf"
+    assert receipt["disclosure"]["status"] == "failed"
+    assert receipt["answered"] is None
+
+
+def test_far_end_hanging_up_during_the_disclosure_is_not_recorded(tmp_path: Path) -> None:
+    """The busy tone hides under the disclosure's own echo: the line listens on after the
+    disclosure before it records, and the tone it then hears fails the call."""
+    body = (step(0.5, "ring") + step(5.5, "offhook") + step(9.0, "tone", kind="busy", until=30.0)
+            + step(28.0, "onhook"))
+    events = run_sim(tmp_path, write_scenario(tmp_path, body, 30.0), sim_config(tmp_path))
+    assert kinds(events) == ["call_started", "disclosure_started", "disclosure_failed",
+                             "call_ended"]
+    assert "busy tone" in only(events, "disclosure_failed")["reason"]
+    assert only(events, "call_ended")["reason"] == "busy_tone"
+    assert recordings(tmp_path) == []
+    [receipt] = receipts(tmp_path)
+    assert receipt["recording"] is None
+    assert receipt["disclosure"]["played_s"] > 5.0
+
+
+def test_off_hook_after_a_missed_call_that_hears_dial_tone_is_outbound(
+        tmp_path: Path, far_end: Path) -> None:
+    """The caller gave up after one ring; the office picks up to make a call within the
+    ring window: dial tone says it is a call the office makes, so the notice waits for the
+    far end's answer instead of playing into the dial tone."""
+    body = (step(0.5, "ring", until=1.6) + step(5.0, "offhook")
+            + step(5.05, "tone", kind="dial", until=6.5) + step(6.6, "dtmf", digits="0612345678")
+            + step(9.0, "tone", kind="ringback", until=14.2)
+            + step(14.4, "audio", file=str(far_end)) + step(32.0, "onhook"))
+    events = run_sim(tmp_path, write_scenario(tmp_path, body, 34.0), sim_config(tmp_path))
+    assert kinds(events) == ["call_started", "call_answered", *RECORDED_CALL[1:]]
+    assert only(events, "call_started")["direction"] == "outbound"
+    assert only(events, "disclosure_started")["sample"] >= 14.4 * RATE
+    [receipt] = receipts(tmp_path)
+    assert receipt["number"]["value"] == "0612345678"
+
+
+def test_a_line_already_reversed_at_off_hook_is_not_taken_as_answered(tmp_path: Path) -> None:
+    """Only a change of polarity after off-hook is an answer (a line wired the other way
+    round reads reversed from the start)."""
+    config = sim_config(tmp_path)
+    config.write_text(config.read_text().replace(
+        'led_pin = 25\n', 'led_pin = 25\npolarity_pin = 5\nanswer_timeout_s = 8.0\n'))
+    body = (step(0.2, "answer", line="line2") + step(0.5, "offhook", line="line2")
+            + step(1.0, "dtmf", line="line2", digits="0201234567")
+            + step(12.0, "onhook", line="line2"))
+    events = run_sim(tmp_path, write_scenario(tmp_path, body, 14.0), config)
+    assert kinds(events, "line2") == ["call_started", "disclosure_failed", "call_ended"]
+    assert "answer_timeout_s" in only(events, "disclosure_failed")["reason"]
+    assert recordings(tmp_path) == []
+
+
+def test_a_caller_id_does_not_carry_over_to_another_call(tmp_path: Path) -> None:
+    body = (step(0.3, "callerid", number="0201234567") + step(3.0, "offhook")
+            + step(4.5, "onhook") + step(6.0, "ring") + step(11.0, "offhook")
+            + step(22.0, "onhook"))
+    events = run_sim(tmp_path, write_scenario(tmp_path, body, 24.0), sim_config(tmp_path))
+    assert [e["direction"] for e in events if e["event"] == "call_started"] == [
+        "outbound", "inbound"]
+    inbound = next(r for r in receipts(tmp_path) if r["direction"] == "inbound")
+    assert inbound["number"]["value"] is None
+    assert inbound["number"]["unknown_reason"] == "no caller id received"
 
 
 def test_never_record_number_plays_no_disclosure_and_records_nothing(tmp_path: Path) -> None:
@@ -203,6 +269,9 @@ def test_busy_tone_held_ends_the_call_while_the_handset_stays_off_hook(
     stopped = only(events, "recording_stopped")
     assert stopped["sample"] == pytest.approx(24.0 * RATE, abs=0.1 * RATE)
     assert ended["sample"] < 30.0 * RATE
+    [receipt] = receipts(tmp_path)
+    assert receipt["end_reason"] == "busy_tone"
+    assert receipt["recording"]["end_sample"] == stopped["sample"]
 
 
 def test_hook_flash_mid_call_keeps_one_call_and_one_recording(tmp_path: Path,

@@ -157,12 +157,16 @@ def test_hook_flash_does_not_end_the_call(tmp_path: Path, caller_speech: Path) -
 def test_demo_prints_events_and_a_playable_recording(tmp_path: Path) -> None:
     result = linerec("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for kind in RECORDED_CALL:
+    for kind in [*RECORDED_CALL, "caller_id", "call_answered"]:
         assert kind in result.stdout
-    path = Path(re.findall(r"^Recording: (.+\.opus)$", result.stdout, re.M)[-1])
-    assert path.is_file() and path.is_relative_to(tmp_path / "linerec-sim")
-    assert subprocess.run(["opusinfo", str(path)], capture_output=True,
-                          check=False).returncode == 0
+    # A call received on line1 and a call made on line2, both recorded.
+    assert result.stdout.count("recorded=True") == 2
+    paths = [Path(p) for p in re.findall(r"^Recording: (.+\.opus)$", result.stdout, re.M)]
+    assert len(paths) == 2
+    for path in paths:
+        assert path.is_file() and path.is_relative_to(tmp_path / "linerec-sim")
+        assert subprocess.run(["opusinfo", str(path)], capture_output=True,
+                              check=False).returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -199,7 +203,11 @@ def test_bad_signal_steps_are_named(tmp_path: Path) -> None:
             (step(1.0, "dtmf", digits="02x"), "step[0].digits", "digits"),
             (step(1.0, "tone", kind="beep"), "step[0].kind", "'beep' is not one of"),
             (step(1.0, "callerid", number="+31201234567"), "step[0].number", "no +"),
-            (step(1.0, "pulse", digits="*1"), "step[0].digits", "0123456789")):
+            (step(1.0, "pulse", digits="*1"), "step[0].digits", "0123456789"),
+            (step(1.0, "callerid", format="fsk", number="020", name="Łukasz"), "step[0].name",
+             "Latin-1"),
+            (step(1.0, "callerid", format="fsk", number="020", name=""), "step[0].name",
+             "Latin-1")):
         scenario = write_scenario(tmp_path, body, duration=5.0)
         result = linerec("simulate", "--scenario", str(scenario))
         assert result.returncode == 2, result.stderr
