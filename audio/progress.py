@@ -118,6 +118,17 @@ class CallProgress:
         return self._burst_start is not None
 
     @property
+    def tone_since(self) -> int | None:
+        """Start of the tone burst going on now; None when there is none."""
+        return self._burst_start
+
+    def bursts_since(self, position: int, shortest: int, longest: int) -> int:
+        """Completed tone bursts that began at or after ``position`` and lasted from
+        ``shortest`` to ``longest`` samples."""
+        return sum(1 for burst in self._bursts if burst.start >= position
+                   and shortest <= burst.end - burst.start <= longest)
+
+    @property
     def ringback_bursts(self) -> int:
         """Completed tone bursts lasting 0.7-1.5 s."""
         return self._ringback

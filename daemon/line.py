@@ -56,6 +56,9 @@ FAULT_AFTER_FAILURES = 3
 """A line whose disclosure fails this many calls in a row (for reasons of the line, not of
 the caller) is in fault: its LED blinks until a disclosure is heard again."""
 FAULT_BLINK_S = (0.2, 0.8)
+SILENT_OUTPUT_SHARE = 0.3
+"""A disclosure heard at under this share of verify_min_score did not reach the line at all
+(a silent output scores about 0.01); above it, it was there but drowned."""
 CALLER_ID_KEEP_S = 10.0
 """A caller id with no ringing after it is forgotten after this long (seconds)."""
 PULSE_BREAK_MAX_MS = 85
@@ -63,9 +66,16 @@ PULSE_BREAK_MAX_MS = 85
 is shorter than an on-hook is a hook-flash."""
 PULSE_DIGIT_GAP_MS = 300
 """The loop closed this long after a pulse ends the digit (pulses are 40 ms apart)."""
-DIAL_TONE_CHECK_S = 0.3
-"""An inbound off-hook listens this long for dial tone before the notice plays: dial tone
-means the caller had given up and the office is making a call instead."""
+DIAL_TONE_CHECK_S = 0.7
+"""An inbound off-hook listens this long (from the confirmed off-hook) for dial tone before
+the notice plays: dial tone means the caller had given up and the office is making a call
+instead. Exchanges give dial tone within a few hundred milliseconds; one that is later is
+caught after the disclosure (a progress tone there fails the call)."""
+DIAL_TONE_MIN_S = 0.25
+"""A tone held this long, to the end of the check, is dial tone; a high voice is not."""
+RINGBACK_MIN_S, RINGBACK_MAX_S = 0.3, 1.5
+"""A tone burst after the last dialled digit this long is ringback, even one cut short
+by the far end answering."""
 QUIET_AFTER_S = 0.75
 """After the disclosure has left the line, this long without a call progress tone shows the
 far end did not hang up during it (busy is 0.5 s on / 0.5 s off)."""
@@ -199,6 +209,8 @@ class Call:
     dialled_by: set[str] = field(default_factory=set)
     rule: str | None = None
     polarity_at_offhook: bool = False
+    last_digit_at: int = 0
+    """Where the latest dialled digit was seen: tone bursts after it are ringback."""
     answered_at: int | None = None
     answered_by: str | None = None
     disclosure: PreparedDisclosure | None = None
@@ -288,6 +300,8 @@ class Line:
         self._output_failed = False
         self._played_until = 0
         self._last_frames = capture_period
+        self._blind_until = -1
+        """End of the latest capture gap: what the line did before it is unknown."""
         self._dtmf = DtmfDetector(self._rate)
         self._clip = DtmfClipParser(self._rate)
         self._fsk = FskCallerIdDecoder(self._rate)
@@ -339,6 +353,12 @@ class Line:
                 self._dialling(hook, heard, start, end)
             elif state is LineState.DISCLOSING:
                 self._disclosing(heard, start, end)
+            elif state is LineState.RECORDING and hook is not None \
+                    and hook.edge is HookEdge.BREAK:
+                # A hook-flash: call waiting or a transfer may bring another party onto the
+                # line who has not heard the notice. The call goes on, unrecorded.
+                self._stop_recording(hook.at, "hook_flash")
+                self.state = LineState.UNRECORDED
 
         self._play(start, frames)
         if self.state is LineState.RECORDING:
@@ -390,7 +410,8 @@ class Line:
             self._begin_call()
         if self.state in (LineState.ANSWERING, LineState.DIALLING, LineState.DISCLOSING):
             self._fail_disclosure("busy tone: the far end is not, or no longer, on the line",
-                                  end, line_fault=False)
+                                  max(busy, self.call.offhook_sample if self.call else busy),
+                                  line_fault=False)
         if end - busy >= self.config.busy_tone_end_s * self._rate:
             self._end_call(busy, "busy_tone")
             self.state = LineState.CLEARED
@@ -408,6 +429,7 @@ class Line:
         if heard is not None:
             digits += [(tone.symbol, "dtmf") for tone in self._dtmf.feed(heard, start)]
         for symbol, how in digits:
+            call.last_digit_at = end
             call.dialled += symbol
             call.dialled_by.add(how)
             call.number = call.dialled
@@ -420,7 +442,10 @@ class Line:
             # pass for answered from the start.
             if self._polarity_input.is_active != call.polarity_at_offhook:
                 answered_by = "polarity_reversal"
-        elif self._progress.ringback_bursts and not self._progress.tone_active:
+        elif not self._progress.tone_active and (
+                self._progress.ringback_bursts or self._progress.bursts_since(
+                    call.last_digit_at, round(RINGBACK_MIN_S * self._rate),
+                    round(RINGBACK_MAX_S * self._rate))):
             speech = self._progress.speech_since()
             last_tone = self._progress.last_tone_end or 0
             if speech is not None and speech >= last_tone:
@@ -465,18 +490,28 @@ class Line:
         progress = self._progress
         tone_after = progress.tone_active or (progress.last_tone_end or -1) > \
             call.disclosure_line_end
-        wait = BUSY_DECIDE_S if tone_after else QUIET_AFTER_S
-        return after >= wait * self._rate
+        if not tone_after:
+            return after >= QUIET_AFTER_S * self._rate
+        if after >= BUSY_DECIDE_S * self._rate:
+            # A call progress tone that is no busy cadence (dial tone, ringback): the line
+            # is not in a call with a far end that heard the notice.
+            self._fail_disclosure("a call progress tone (dial tone or ringback) followed the "
+                                  "disclosure: no far end was on the line to hear it", end,
+                                  line_fault=False)
+        return False
 
     def note_capture_gap(self, position: int, lost: int, cause: str) -> None:
         """The capture lost ``lost`` samples at ``position`` (now silence). While it was
         gone nobody watched the hook: if the gap could hide a hang-up (and a new call
         answered since), the disclosure fails and the recording ends where the gap began;
         the call goes on unrecorded until on-hook."""
+        self._blind_until = max(self._blind_until, position + lost)
         call = self.call
         if call is None:
             return
-        if call.recording is not None:
+        if call.recording is not None or (call.heard_by(position)
+                                          and self.state is LineState.DISCLOSING):
+            # In the recording, or in what it will hold from the disclosure's end.
             call.capture_gaps.append({"sample": position, "lost_samples": lost,
                                       "cause": cause})
         blind = cause == "device" or lost >= self._hook.onhook_confirm
@@ -488,7 +523,7 @@ class Line:
             self._fail_disclosure("the capture was lost before the disclosure finished, so "
                                   "the line was not watched", position, line_fault=False)
         elif self.state is LineState.RECORDING:
-            self._stop_recording(position)
+            self._stop_recording(position, "capture_lost")
             self.state = LineState.UNRECORDED
             self._emit(EventKind.ERROR, position,
                        message=f"the capture was lost for {lost / self._rate:.1f} s; the "
@@ -542,6 +577,7 @@ class Line:
         caller_id, self._caller_id = self._caller_id, None
         if self._polarity_input is not None:
             call.polarity_at_offhook = self._polarity_input.is_active
+        call.last_digit_at = offhook_at
         self._pulses = PulseDialling(self._rate)
         self._progress.reset()
         self._dtmf.reset()
@@ -551,8 +587,9 @@ class Line:
             self._begin_call()
             self.state = LineState.DIALLING
             return
-        # Speech matters only as the answer of an outbound call; tones always do.
-        self._progress.listen_for_speech = False
+        # Speech tells an answered call from dial tone now, and later only the answer of
+        # an outbound call; tones always matter.
+        self._progress.listen_for_speech = True
         if caller_id is not None:
             call.number = caller_id.number
             call.caller_name = caller_id.name
@@ -568,14 +605,29 @@ class Line:
         caller had given up just before; the office is making a call of its own)."""
         call = self.call
         assert call is not None
-        if self._progress.tone_active:
+        progress = self._progress
+        tone_since = progress.tone_since
+        if tone_since is not None and end - tone_since >= DIAL_TONE_MIN_S * self._rate:
             call.direction = "outbound"
             call.disclosure_name = self.config.disclosure_for["outbound"]
             call.number = call.caller_name = call.number_source = call.number_unknown = None
-            self._progress.listen_for_speech = True
             self._begin_call()
             self.state = LineState.DIALLING
-        elif end - call.offhook_sample >= DIAL_TONE_CHECK_S * self._rate:
+            return
+        if self._blind_until >= call.offhook_sample - self._last_frames:
+            # The capture was lost around the answer: nobody heard whether it is a call
+            # coming in or the office's own call after a missed one.
+            self._begin_call()
+            self._fail_disclosure("the capture was lost around the answer, so whether the "
+                                  "line gave dial tone is not known", end, line_fault=False)
+            return
+        heard_long_enough = end - call.offhook_sample - self._hook.debounce \
+            >= DIAL_TONE_CHECK_S * self._rate
+        if self._hook.loop_open or progress.tone_active:
+            return  # a flash right away, or a tone that may yet be dial tone: listen on
+        if heard_long_enough or progress.speech_since() is not None:
+            # The caller speaking is an answered call too: no need to wait longer.
+            self._progress.listen_for_speech = False
             self._begin_call()
             self._start_disclosure(start)
 
@@ -634,13 +686,18 @@ class Line:
         call.verification = {"score": round(score, 3), "threshold": threshold,
                              "lag_samples": lag}
         if score < threshold:
-            self._emit(EventKind.ERROR, call.disclosure_line_end,
-                       message=f"line {self.name}: the disclosure played but the line did not "
-                       "carry it; check the HAT's line output for this line")
+            # Next to nothing of it on the line is the output's fault; some of it, drowned
+            # by the far end talking over it or by noise, is not (and fails all the same).
+            silent = score < threshold * SILENT_OUTPUT_SHARE
+            if silent:
+                self._emit(EventKind.ERROR, call.disclosure_line_end,
+                           message=f"line {self.name}: the disclosure played but the line did "
+                           "not carry it; check the HAT's line output for this line")
+            cause = ("the line output may be silent or disconnected" if silent else
+                     "the far end talked over it, or the line is noisy")
             self._fail_disclosure(
                 f"the disclosure was not heard on the line (correlation {score:.2f}, needs "
-                f"{threshold:g}): the line output may be silent or disconnected",
-                call.disclosure_line_end)
+                f"{threshold:g}): {cause}", call.disclosure_line_end, line_fault=silent)
             return None
         call.disclosure_completed_at = self._clock.timestamp(self._capture_name,
                                                              call.disclosure_line_end)
@@ -754,7 +811,9 @@ class Line:
             return
         call.recording_next_sample = limit
 
-    def _stop_recording(self, stop: int) -> None:
+    def _stop_recording(self, stop: int, reason: str = "call_ended") -> None:
+        """Close the recording at capture sample ``stop``; ``reason``: call_ended,
+        hook_flash or capture_lost."""
         call = self.call
         assert call is not None and call.recording is not None
         first = call.recording_first_sample
@@ -798,9 +857,10 @@ class Line:
             "bitrate": self._audio.bitrate,
             "lost_samples": call.lost_samples,
             "capture_gaps": call.capture_gaps,
+            "stop_reason": reason,
         }
         self._emit(EventKind.RECORDING_STOPPED, first + recording.samples,
-                   file=str(recording.path), duration_s=duration, bytes=size)
+                   file=str(recording.path), duration_s=duration, bytes=size, reason=reason)
 
     def _end_call(self, at: int, reason: str) -> None:
         call = self.call
@@ -829,7 +889,8 @@ class Line:
         self._last_frames = frames
         ticket = None
         disclosing = (self.state is LineState.DISCLOSING and call is not None
-                      and call.disclosure is not None)
+                      and call.disclosure is not None
+                      and call.disclosure_written < len(call.disclosure.audio))
         if disclosing:
             assert call is not None and call.disclosure is not None
             written = call.disclosure_written

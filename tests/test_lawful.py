@@ -198,6 +198,48 @@ def test_off_hook_after_a_missed_call_that_hears_dial_tone_is_outbound(
     assert receipt["number"]["value"] == "0612345678"
 
 
+def test_dial_tone_that_comes_late_is_caught(tmp_path: Path, far_end: Path) -> None:
+    """Dial tone 0.35 s after the off-hook is still heard before the notice plays; one that
+    comes only after the notice has started is heard after it, and fails the call."""
+    for delay, direction in ((0.35, "outbound"), (1.5, "inbound")):
+        folder = tmp_path / str(delay)
+        folder.mkdir()
+        body = (step(0.5, "ring", until=1.6) + step(5.0, "offhook")
+                + step(5.0 + delay, "tone", kind="dial", until=22.0)
+                + step(22.0, "dtmf", digits="0612345678")
+                + step(24.0, "tone", kind="ringback", until=29.0) + step(30.0, "onhook"))
+        events = run_sim(folder, write_scenario(folder, body, 32.0), sim_config(folder))
+        assert only(events, "call_started")["direction"] == direction
+        assert "recording_started" not in kinds(events)
+        assert recordings(folder) == []
+        if direction == "inbound":
+            assert "dial tone or ringback" in only(events, "disclosure_failed")["reason"]
+
+
+def test_a_high_voice_at_the_answer_is_not_dial_tone(tmp_path: Path) -> None:
+    """A child's or a high voice sits near 425 Hz: speech is an answered call all the same."""
+    import subprocess
+
+    low = speak("Goedemiddag, met Sanne.", tmp_path / "voice.wav", voice="nl+f3")
+    high = tmp_path / "high.wav"
+    subprocess.run(["sox", str(low), "-r", "8000", str(high), "pitch", "500"], check=True)
+    body = (step(0.5, "ring") + step(5.5, "offhook") + step(5.55, "audio", file=str(high))
+            + step(24.0, "onhook"))
+    events = run_sim(tmp_path, write_scenario(tmp_path, body, 26.0), sim_config(tmp_path))
+    assert only(events, "call_started")["direction"] == "inbound"
+    assert kinds(events) == RECORDED_CALL
+
+
+def test_the_far_end_answering_during_the_first_ringback_burst(tmp_path: Path,
+                                                              far_end: Path) -> None:
+    body = (step(0.5, "offhook") + step(1.0, "dtmf", digits="0201234567")
+            + step(3.0, "tone", kind="ringback", until=3.6)
+            + step(3.7, "audio", file=str(far_end)) + step(24.0, "onhook"))
+    events = run_sim(tmp_path, write_scenario(tmp_path, body, 26.0), sim_config(tmp_path))
+    assert kinds(events) == ["call_started", "call_answered", *RECORDED_CALL[1:]]
+    assert only(events, "call_answered")["sample"] < 4.2 * RATE
+
+
 def test_a_line_already_reversed_at_off_hook_is_not_taken_as_answered(tmp_path: Path) -> None:
     """Only a change of polarity after off-hook is an answer (a line wired the other way
     round reads reversed from the start)."""
@@ -276,14 +318,22 @@ def test_busy_tone_held_ends_the_call_while_the_handset_stays_off_hook(
 
 def test_hook_flash_mid_call_keeps_one_call_and_one_recording(tmp_path: Path,
                                                              caller_speech: Path) -> None:
+    """One call, one recording: the flash does not end the call, and the recording ends
+    where the loop opened, since call waiting or a transfer may bring on a party who did
+    not hear the notice (the call goes on unrecorded)."""
     body = (step(0.5, "ring") + step(5.5, "offhook") + step(14.0, "audio", file=str(caller_speech))
             + step(17.0, "flash", ms=300) + step(24.0, "onhook"))
     events = run_sim(tmp_path, write_scenario(tmp_path, body, 26.0), sim_config(tmp_path))
     assert kinds(events) == RECORDED_CALL
+    assert only(events, "call_ended")["sample"] == 24.0 * RATE
+    stopped = only(events, "recording_stopped")
+    assert stopped["reason"] == "hook_flash" and stopped["sample"] == 17.0 * RATE
     [opus] = recordings(tmp_path)
     recorded = decode(opus, tmp_path)
     first = only(events, "recording_started")["sample"]
-    assert abs(len(recorded) - (24.0 * RATE - first)) <= TOLERANCE
+    assert abs(len(recorded) - (17.0 * RATE - first)) <= TOLERANCE
+    [receipt] = receipts(tmp_path)
+    assert receipt["recording"]["stop_reason"] == "hook_flash"
 
 
 def test_receipt_names_purpose_disclosure_and_retention(tmp_path: Path) -> None:

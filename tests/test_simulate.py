@@ -143,6 +143,8 @@ def test_outbound_call_hung_up_before_an_answer_is_not_recorded(tmp_path: Path,
 
 
 def test_hook_flash_does_not_end_the_call(tmp_path: Path, caller_speech: Path) -> None:
+    """A hook-flash does not end the call; it ends its recording where the loop opened
+    (another party who has not heard the notice may come on the line)."""
     scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
                               + step(10.0, "audio", file=str(caller_speech))
                               + step(12.0, "onhook") + step(12.3, "offhook")
@@ -150,8 +152,9 @@ def test_hook_flash_does_not_end_the_call(tmp_path: Path, caller_speech: Path) -
     events = run_sim(tmp_path, scenario, sim_config(tmp_path))
     assert [e["event"] for e in events] == RECORDED_CALL
     assert events[-1]["sample"] == 20 * RATE
+    assert events[4]["reason"] == "hook_flash" and events[4]["sample"] == 12 * RATE
     decoded = decode(Path(events[4]["file"]), tmp_path)
-    assert abs(len(decoded) - (20 * RATE - events[2]["sample"])) <= TOLERANCE
+    assert abs(len(decoded) - (12 * RATE - events[2]["sample"])) <= TOLERANCE
 
 
 def test_demo_prints_events_and_a_playable_recording(tmp_path: Path) -> None:
