@@ -32,6 +32,7 @@ from linerec.audio import g711
 from linerec.audio.recording import RecordingFile
 from linerec.audio.ring import SampleRing
 from linerec.daemon.config import AudioConfig, CaptureConfig, packaged_disclosure
+from linerec.daemon.line import QUIET_AFTER_S
 from linerec.hw.alsa import AlsaCapture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -305,8 +306,9 @@ def kill_loss(work: Path, trials: int, seed: int = 7) -> dict[str, Any]:
                                  "--scenario", str(restart), "--config", str(config)],
                                 capture_output=True, text=True, check=True)
         event = json.loads(result.stdout.splitlines()[0])
-        # The recording runs from one debounce (40 ms) before recording_started went out.
-        losses.append(recorded + 0.04 - event["duration_s"])
+        # The recording runs from the disclosure's end, which recording_started went out
+        # QUIET_AFTER_S after (the line listens for a busy tone first).
+        losses.append(recorded + QUIET_AFTER_S - event["duration_s"])
     return {"trials": trials, "loss_s": losses, "worst_loss_s": max(losses)}
 
 
