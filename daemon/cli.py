@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     events = EventBus([LogSink()])
     mqtt = None
     if config.mqtt is not None:
-        mqtt = MqttEventSink(config.mqtt, config.device_id)
+        mqtt = MqttEventSink(config.mqtt, config.device_id, config.storage)
         events.add(mqtt)
         mqtt.start()
     hat = PiHat(config.audio.rate)

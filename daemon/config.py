@@ -17,6 +17,7 @@ from linerec.daemon.numbers import plain_number
 
 DEFAULT_CONFIG_PATH = Path("/etc/linerec/linerec.toml")
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+TOPIC_LEVEL = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
 """Line and device names: they appear in MQTT topics, call ids and file names."""
 
 SUPPORTED_RATES = (8000, 16000)
@@ -236,6 +237,15 @@ class MqttConfig:
     """First level of every topic."""
     keepalive_s: int = field(default=30, metadata=_range(5, 3600))
     """MQTT keepalive (seconds)."""
+    reconnect_max_s: int = field(default=30, metadata=_range(1, 600))
+    """Longest wait between two attempts to reach the broker; the wait doubles from 1 s
+    (seconds)."""
+    ca_file: Path | None = None
+    """CA certificate (PEM) of the broker: set, the connection uses TLS."""
+    cert_file: Path | None = None
+    """Client certificate (PEM), for a broker that asks for one; needs key_file."""
+    key_file: Path | None = None
+    """Private key (PEM) of cert_file."""
 
 
 @dataclass(frozen=True)
@@ -392,6 +402,8 @@ def _check_references(config: Config) -> None:
         fail("device_id", "use 1-32 lower-case letters, digits, '-' or '_'")
     if not config.line:
         fail("line", "no lines configured; add at least one [[line]] table")
+    if config.mqtt is not None:
+        _check_mqtt(config.mqtt, fail)
     captures: dict[str, CaptureConfig] = _by_name(config.capture, "capture", fail)
     outputs: dict[str, PlaybackConfig] = _by_name(config.playback, "playback", fail)
     purposes: dict[str, PurposeConfig] = _by_name(config.purpose, "purpose", fail)
@@ -479,6 +491,21 @@ def _check_references(config: Config) -> None:
                 fail(f"{where}.polarity_pin",
                      f"GPIO {line.polarity_pin} is already used as {pins[line.polarity_pin]}")
             pins[line.polarity_pin] = f"{line.name}.polarity_pin"
+
+
+def _check_mqtt(mqtt: MqttConfig, fail: Callable[[str, str], None]) -> None:
+    if not TOPIC_LEVEL.match(mqtt.topic_prefix):
+        fail("mqtt.topic_prefix", "use letters, digits, '-', '_' or '/' between levels; no "
+             "'+', '#' or spaces")
+    if (mqtt.cert_file is None) != (mqtt.key_file is None):
+        fail("mqtt.key_file" if mqtt.key_file is None else "mqtt.cert_file",
+             "a client certificate needs both cert_file and key_file")
+    if mqtt.cert_file is not None and mqtt.ca_file is None:
+        fail("mqtt.ca_file", "a client certificate is only sent over TLS: set ca_file too")
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(mqtt, key)
+        if path is not None and not path.is_file():
+            fail(f"mqtt.{key}", f"{path} does not exist or is not a file")
 
 
 def _by_name(tables: tuple[Any, ...], key: str, fail: Callable[[str, str], None]) -> dict[str, Any]:

@@ -4,75 +4,146 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from linerec.daemon.config import MqttConfig
+from linerec.daemon.outbox import Outbox, OutboxEntry
 
 logger = logging.getLogger(__name__)
 
+ONLINE, OFFLINE = "online", "offline"
+
 
 class MqttEventSink:
-    """Publishes events with QoS 1 to ``<prefix>/<device_id>/line/<line>/event``.
+    """Publishes events with QoS 1 to ``<prefix>/<device_id>/line/<line>/event`` (device-wide
+    ones to ``<prefix>/<device_id>/event``), through the on-disk outbox: an event is on disk
+    before it is published, and leaves the outbox only when the broker acknowledged it, so
+    none is lost to a broker outage, a restart or a power cut.
 
-    The client connects in the background and reconnects by itself; paho queues QoS 1
-    messages published while it is offline, so the recorder never waits for the broker.
+    ``publish`` only queues (the engine thread never waits for the disk or the broker); the
+    ``mqtt-outbox`` thread writes, publishes and notes acknowledgements. paho connects in
+    the background and reconnects with a doubling delay; ``<prefix>/<device_id>/status`` is
+    ``online`` while connected and ``offline`` (the Last Will) otherwise, both retained.
     """
 
-    def __init__(self, config: MqttConfig, device_id: str) -> None:
+    def __init__(self, config: MqttConfig, device_id: str, storage: Path) -> None:
         self._config = config
         self._base = f"{config.topic_prefix}/{device_id}"
+        self._storage = storage
         self._connected = threading.Event()
         self._client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"linerec-{device_id}", clean_session=False
         )
         if config.username:
             self._client.username_pw_set(config.username, config.password or None)
+        if config.ca_file is not None:
+            self._client.tls_set(
+                ca_certs=str(config.ca_file),
+                certfile=str(config.cert_file) if config.cert_file else None,
+                keyfile=str(config.key_file) if config.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        self._client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
-        self._client.reconnect_delay_set(min_delay=1, max_delay=60)
-        # Message ids published and not yet acknowledged (PUBACK). The PUBACK can arrive on
-        # the network thread before publish() has returned here, hence the second set.
-        self._ack_lock = threading.Lock()
-        self._unacked: set[int] = set()
-        self._acked_early: set[int] = set()
+        self._client.reconnect_delay_set(min_delay=1, max_delay=config.reconnect_max_s)
+        # In order: one event in flight at a time; the rest wait in paho's queue.
+        self._client.max_inflight_messages_set(1)
+        self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._in_flight: dict[int, int] = {}
+        """paho message id -> outbox seq, for the PUBACKs to come."""
+        self._outbox: Outbox | None = None
+        self._thread = threading.Thread(target=self._run, name="mqtt-outbox", daemon=True)
+        self._idle = threading.Event()
 
-    def start(self, wait_s: float = 0.0) -> None:
-        """Connect in the background; optionally wait a little for the first connection."""
-        self._client.connect_async(self._config.host, self._config.port,
-                                   keepalive=self._config.keepalive_s)
-        self._client.loop_start()
-        if wait_s and not self._connected.wait(wait_s):
-            logger.warning("MQTT broker %s:%d not reachable yet; events are queued",
-                           self._config.host, self._config.port)
+    @property
+    def status_topic(self) -> str:
+        return f"{self._base}/status"
 
     def topic(self, line: str | None) -> str:
         return f"{self._base}/line/{line}/event" if line else f"{self._base}/event"
 
+    def start(self, wait_s: float = 0.0) -> None:
+        """Open the outbox (events left from before go out first), connect in the
+        background; optionally wait a little for the first connection."""
+        self._storage.mkdir(parents=True, exist_ok=True)
+        self._outbox = Outbox(self._storage)
+        left = len(self._outbox.pending)
+        if left:
+            logger.info("%d event(s) from before wait in the MQTT outbox", left)
+        self._thread.start()
+        self._client.connect_async(self._config.host, self._config.port,
+                                   keepalive=self._config.keepalive_s)
+        self._client.loop_start()
+        if wait_s and not self._connected.wait(wait_s):
+            logger.warning("MQTT broker %s:%d not reachable yet; events wait in the outbox",
+                           self._config.host, self._config.port)
+
     def publish(self, event: dict[str, Any]) -> None:
-        # While offline, paho keeps QoS 1 messages and sends them once it reconnects.
-        info = self._client.publish(self.topic(event.get("line")), json.dumps(event), qos=1)
-        with self._ack_lock:
-            if info.mid in self._acked_early:
-                self._acked_early.discard(info.mid)
-            else:
-                self._unacked.add(info.mid)
+        self._work.put(("event", event))
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._outbox.pending) if self._outbox else 0
 
     def stop(self, flush_s: float = 3.0) -> None:
-        """Give queued events up to ``flush_s`` to reach the broker, then disconnect."""
+        """Give queued events up to ``flush_s`` to reach the broker, say offline, and
+        disconnect; what did not go stays in the outbox for the next start."""
         deadline = time.monotonic() + flush_s
-        while self._unacked and self._connected.is_set() and time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._connected.is_set() \
+                and (self._work.qsize() or self.unacknowledged):
             time.sleep(0.02)
-        if self._unacked:
-            logger.warning("%d event(s) had not reached the MQTT broker at shutdown",
-                           len(self._unacked))
+        self._work.put(("stop", None))
+        self._thread.join(timeout=5.0)
+        if self.unacknowledged:
+            logger.warning("%d event(s) had not reached the MQTT broker at shutdown; they "
+                           "wait in the outbox", self.unacknowledged)
+        if self._connected.is_set():
+            self._client.publish(self.status_topic, OFFLINE, qos=1, retain=True) \
+                .wait_for_publish(timeout=2.0)
         self._client.disconnect()
         self._client.loop_stop()
+        if self._outbox is not None:
+            self._outbox.close()
+
+    # ---- the outbox thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        outbox = self._outbox
+        assert outbox is not None
+        for entry in outbox.pending:
+            self._send(entry)
+        while True:
+            kind, item = self._work.get()
+            try:
+                if kind == "stop":
+                    return
+                if kind == "event":
+                    self._send(outbox.append(self.topic(item.get("line")), item))
+                elif kind == "acked":
+                    seq = self._in_flight.pop(item, None)
+                    if seq is not None:
+                        outbox.acknowledge(seq)
+            except OSError as exc:
+                # The disk is full or failing: the event still goes out, without a copy.
+                logger.error("MQTT outbox: %s", exc)
+                if kind == "event":
+                    self._client.publish(self.topic(item.get("line")), json.dumps(item), qos=1)
+
+    def _send(self, entry: OutboxEntry) -> None:
+        info = self._client.publish(entry.topic, entry.payload, qos=1)
+        self._in_flight[info.mid] = entry.seq
+
+    # ---- paho callbacks (its network thread) --------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                     properties: Any) -> None:
@@ -81,15 +152,14 @@ class MqttEventSink:
                            self._config.host, self._config.port, reason)
             return
         logger.info("connected to MQTT broker %s:%d", self._config.host, self._config.port)
+        client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         self._connected.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:
-        with self._ack_lock:
-            if mid in self._unacked:
-                self._unacked.discard(mid)
-            else:
-                self._acked_early.add(mid)
+        # The outbox thread matches it to its event: it alone touches the outbox, and it
+        # has registered the message id before this can arrive (it runs first in queue order).
+        self._work.put(("acked", mid))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
                        properties: Any) -> None:

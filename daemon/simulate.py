@@ -101,7 +101,7 @@ def run_simulation(
     events = EventBus(sinks)
     mqtt = None
     if config.mqtt is not None:
-        mqtt = MqttEventSink(config.mqtt, config.device_id)
+        mqtt = MqttEventSink(config.mqtt, config.device_id, config.storage)
         events.add(mqtt)
         mqtt.start(wait_s=5.0)
     try:

@@ -218,3 +218,19 @@ def test_a_wav_header_with_no_sample_rate_is_named(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "disclosure[0].parts[0].file" in result.stderr
     assert "sample rate of 0 Hz" in result.stderr
+
+
+@pytest.mark.parametrize(("mqtt", "key", "words"), [
+    ('ca_file = "missing-ca.pem"', "mqtt.ca_file", "does not exist"),
+    ('ca_file = "ca.pem"\ncert_file = "ca.pem"', "mqtt.key_file", "both cert_file and key_file"),
+    ('cert_file = "ca.pem"\nkey_file = "ca.pem"', "mqtt.ca_file", "set ca_file too"),
+    ('topic_prefix = "linerec/#"', "mqtt.topic_prefix", "no '+', '#'"),
+    ("reconnect_max_s = 0", "mqtt.reconnect_max_s", "out of range"),
+])
+def test_mqtt_tls_and_topic_mistakes_are_named(tmp_path: Path, mqtt: str, key: str,
+                                               words: str) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    path = sim_config(tmp_path, extra=f'\n[mqtt]\nhost = "broker"\n{mqtt}\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == key and words in caught.value.problem

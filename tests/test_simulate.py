@@ -61,6 +61,8 @@ def test_inbound_call_is_recorded_after_the_disclosure(
     assert events[0]["direction"] == "inbound"
     # The same events reached the broker, in the same order, on the line's topic.
     assert [topic for topic, _ in subscriber.messages] == ["linerec/office/line/line1/event"] * 6
+    # Each with the device's sequence number, which consumers use to drop duplicates.
+    assert [m.pop("seq") for _, m in subscriber.messages] == list(range(1, 7))
     assert [m for _, m in subscriber.messages] == events
 
     stopped = events[4]

@@ -1,0 +1,141 @@
+"""The MQTT outbox: events on disk until the broker has acknowledged them.
+
+Events are appended, one JSON line each, to ``<storage>/mqtt-outbox.jsonl`` and synced to
+disk before they are published; ``<storage>/mqtt-outbox.acked`` holds the highest sequence
+number up to which the broker acknowledged every event. What lies beyond it is published
+again after a restart (in order). Each event carries its sequence number (``seq``, per
+device, rising across restarts), so a consumer drops the duplicates a crash between an
+acknowledgement and its note on disk can cause.
+
+Only the outbox's own thread (``MqttEventSink``'s publisher) touches these files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from linerec.audio.recording import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+OUTBOX_NAME = "mqtt-outbox.jsonl"
+ACKED_NAME = "mqtt-outbox.acked"
+COMPACT_BYTES = 1 << 20
+"""Once everything is acknowledged and the file has grown past this, it starts over."""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    seq: int
+    topic: str
+    payload: str
+    """The event as JSON, ``seq`` included."""
+
+
+class Outbox:
+    def __init__(self, folder: Path) -> None:
+        self._path = folder / OUTBOX_NAME
+        self._acked_path = folder / ACKED_NAME
+        self.acked = self._read_acked()
+        """Every event up to this sequence number reached the broker."""
+        self._pending: dict[int, OutboxEntry] = {}
+        self._done: set[int] = set()
+        self.last_seq = self.acked
+        self._load()
+        self._file = open(self._path, "ab")  # noqa: SIM115 - held open for appends
+
+    @property
+    def pending(self) -> list[OutboxEntry]:
+        """Events not yet acknowledged, oldest first."""
+        return [self._pending[seq] for seq in sorted(self._pending)]
+
+    def append(self, topic: str, event: dict[str, Any]) -> OutboxEntry:
+        """Number the event and put it on disk (synced) before anything publishes it."""
+        seq = self.last_seq + 1
+        payload = json.dumps({**event, "seq": seq})
+        line = json.dumps({"seq": seq, "topic": topic, "payload": payload}) + "\n"
+        self._file.write(line.encode("utf-8"))
+        self._file.flush()
+        os.fdatasync(self._file.fileno())
+        self.last_seq = seq
+        entry = OutboxEntry(seq, topic, payload)
+        self._pending[seq] = entry
+        return entry
+
+    def acknowledge(self, seq: int) -> None:
+        """The broker has this event; note on disk how far everything before it has got."""
+        if seq not in self._pending:
+            return
+        del self._pending[seq]
+        self._done.add(seq)
+        acked = self.acked
+        while acked + 1 in self._done:
+            acked += 1
+            self._done.discard(acked)
+        if acked != self.acked:
+            self.acked = acked
+            self._write_acked()
+            if not self._pending and self._file.tell() > COMPACT_BYTES:
+                self._compact()
+
+    def close(self) -> None:
+        self._file.close()
+
+    # ---- on disk -------------------------------------------------------------------------
+
+    def _read_acked(self) -> int:
+        try:
+            return int(self._acked_path.read_text(encoding="ascii").strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            # Sending too much again is safe (consumers drop seq they have seen); losing is not.
+            logger.warning("%s is unreadable (%s); every event in the outbox is sent again",
+                           self._acked_path, exc)
+            return 0
+
+    def _load(self) -> None:
+        try:
+            data = self._path.read_bytes()
+        except FileNotFoundError:
+            return
+        good = 0
+        for raw in data.splitlines(keepends=True):
+            try:
+                if not raw.endswith(b"\n"):
+                    raise ValueError("cut off")
+                item = json.loads(raw)
+                entry = OutboxEntry(int(item["seq"]), str(item["topic"]), str(item["payload"]))
+            except (ValueError, KeyError, TypeError):
+                # Only a line a power cut cut off can be bad: it and anything after it go.
+                logger.warning("%s: dropping a damaged line at byte %d (%d bytes)",
+                               self._path, good, len(data) - good)
+                with open(self._path, "r+b") as damaged:
+                    damaged.truncate(good)
+                    os.fsync(damaged.fileno())
+                break
+            good += len(raw)
+            self.last_seq = max(self.last_seq, entry.seq)
+            if entry.seq > self.acked:
+                self._pending[entry.seq] = entry
+
+    def _write_acked(self) -> None:
+        tmp = self._acked_path.with_name(ACKED_NAME + ".tmp")
+        with open(tmp, "w", encoding="ascii") as out:
+            out.write(f"{self.acked}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._acked_path)
+
+    def _compact(self) -> None:
+        # Everything in the file is acknowledged and the watermark says so: start it over.
+        self._file.close()
+        with open(self._path, "wb") as fresh:
+            os.fsync(fresh.fileno())
+        fsync_dir(self._path.parent)
+        self._file = open(self._path, "ab")  # noqa: SIM115

@@ -1,0 +1,317 @@
+"""The MQTT interface against real mosquitto brokers: password file and ACL, TLS with
+certificates made here, a broker outage during a call, a daemon killed with events still
+in its outbox."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from simhelpers import RECORDED_CALL, free_port, recordings, sim_config, step, write_scenario
+
+from linerec.daemon.outbox import ACKED_NAME, OUTBOX_NAME, Outbox
+
+DAEMON = ("linerec", "daemon-secret")
+OFFICE = ("office", "office-secret")
+EVENT_TOPICS = "linerec/office/#"
+
+
+class Broker:
+    """A mosquitto of this test's own, on a fixed port so that it can stop and start again
+    (with its sessions kept on disk, as a production broker keeps them)."""
+
+    def __init__(self, folder: Path, *, tls: dict[str, Path] | None = None) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.tls = tls
+        passwords = folder / "passwd"
+        for user, password in (DAEMON, OFFICE):
+            subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if user == DAEMON[0] else []),
+                            str(passwords), user, password], check=True)
+        acl = folder / "acl"
+        acl.write_text(f"user {DAEMON[0]}\ntopic readwrite linerec/office/#\n\n"
+                       f"user {OFFICE[0]}\ntopic read linerec/office/#\n")
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous false",
+                 f"password_file {passwords}", f"acl_file {acl}", "persistence true",
+                 f"persistence_location {folder}/", "user root"]
+        if tls:
+            lines += [f"cafile {tls['ca']}", f"certfile {tls['server_cert']}",
+                      f"keyfile {tls['server_key']}", "require_certificate true"]
+        self.conf = folder / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    out = self.proc.stdout.read().decode() if self.proc.stdout else ""
+                    raise RuntimeError(f"mosquitto did not start: {out}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    running = Broker(folder)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+class Office:
+    """The office's client: a persistent session, so that what the broker holds for it while
+    it is away (or the broker restarts) reaches it."""
+
+    def __init__(self, broker: Broker, tls: dict[str, Path] | None = None) -> None:
+        self.messages: list[tuple[str, Any]] = []
+        self._subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="office-test",
+                                  clean_session=False)
+        self.client.username_pw_set(*OFFICE)
+        if tls:
+            self.client.tls_set(ca_certs=str(tls["ca"]), certfile=str(tls["client_cert"]),
+                                keyfile=str(tls["client_key"]), cert_reqs=ssl.CERT_REQUIRED)
+        self.client.on_connect = lambda c, *a: c.subscribe(EVENT_TOPICS, qos=1)
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 2)
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        assert self._subscribed.wait(10), "the office client could not subscribe"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        payload = message.payload.decode()
+        self.messages.append((message.topic, payload if message.topic.endswith("/status")
+                              else json.loads(payload)))
+
+    def events(self) -> list[dict[str, Any]]:
+        return [m for topic, m in self.messages if topic.endswith("/event")]
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(self.events()) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.events()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def config_for(tmp_path: Path, broker: Broker, *, password: str = DAEMON[1],
+               tls: dict[str, Path] | None = None) -> Path:
+    text = (f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "{DAEMON[0]}"\n'
+            f'password = "{password}"\nreconnect_max_s = 2\n')
+    if tls:
+        text += (f'ca_file = "{tls["ca"]}"\ncert_file = "{tls["client_cert"]}"\n'
+                 f'key_file = "{tls["client_key"]}"\n')
+    return sim_config(tmp_path, extra=text)
+
+
+CALL = step(0.5, "ring") + step(5.5, "offhook") + step(16.0, "onhook")
+
+
+def simulate(tmp_path: Path, config: Path, body: str = CALL, duration: float = 18.0,
+             *extra: str) -> subprocess.CompletedProcess[str]:
+    scenario = write_scenario(tmp_path, body, duration)
+    return subprocess.run([sys.executable, "-m", "linerec.daemon.cli", "simulate",
+                           "--scenario", str(scenario), "--config", str(config), *extra],
+                          capture_output=True, text=True, timeout=180, check=False)
+
+
+def outbox_lines(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "recordings" / OUTBOX_NAME
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def acked(tmp_path: Path) -> int:
+    return int((tmp_path / "recordings" / ACKED_NAME).read_text())
+
+
+def delivered_at_restart(tmp_path: Path, broker: Broker, config: Path) -> None:
+    """The daemon starts again (a scenario with no call): the call's six events left in its
+    outbox reach the office, in order, numbered 1 to 6, each once."""
+    office = Office(broker)
+    try:
+        result = simulate(tmp_path, config, "", 0.5)
+        assert result.returncode == 0, result.stderr
+        events = office.wait_for(6)
+        time.sleep(0.5)  # anything sent twice would have arrived by now
+        events = office.events()
+    finally:
+        office.close()
+    assert [(e["seq"], e["event"]) for e in events] == list(zip(range(1, 7), RECORDED_CALL,
+                                                                strict=True))
+
+
+def test_events_reach_the_office_through_password_and_acl(tmp_path: Path,
+                                                          broker: Broker) -> None:
+    office = Office(broker)
+    try:
+        result = simulate(tmp_path, config_for(tmp_path, broker))
+        assert result.returncode == 0, result.stderr
+        events = office.wait_for(len(RECORDED_CALL))
+        statuses = [m for topic, m in office.messages if topic.endswith("/status")]
+    finally:
+        office.close()
+    assert [e["event"] for e in events] == RECORDED_CALL
+    assert [e["seq"] for e in events] == list(range(1, 7))
+    schema = json.loads((Path(__file__).resolve().parent.parent / "docs" / "mqtt"
+                         / "event.schema.json").read_text())
+    for event in events:
+        jsonschema.Draft202012Validator(schema).validate(event)
+    assert statuses == ["online", "offline"]  # offline said at a clean stop
+    assert acked(tmp_path) == 6
+
+
+def test_a_refused_password_loses_no_call_and_no_event(tmp_path: Path, broker: Broker) -> None:
+    result = simulate(tmp_path, config_for(tmp_path, broker, password="wrong"))  # noqa: S106
+    assert result.returncode == 0, result.stderr
+    assert "refused the connection" in result.stderr
+    assert len(recordings(tmp_path)) == 1  # the recorder records whether or not MQTT works
+    assert [json.loads(e["payload"])["event"] for e in outbox_lines(tmp_path)] == RECORDED_CALL
+    # With the right password the next start delivers them, in order, and nothing twice.
+    delivered_at_restart(tmp_path, broker, config_for(tmp_path, broker))
+    assert acked(tmp_path) == 6
+
+
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, with openssl."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    files = {name: folder / f"{name}.pem" for name in
+             ("ca", "ca_key", "server_cert", "server_key", "client_cert", "client_key")}
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=linerec test CA", "-keyout", str(files["ca_key"]), "-out", str(files["ca"]))
+    for who, name in (("server", "127.0.0.1"), ("client", "linerec")):
+        request = folder / f"{who}.csr"
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", str(files[f"{who}_key"]), "-out", str(request))
+        extensions = folder / f"{who}.ext"
+        extensions.write_text("subjectAltName=IP:127.0.0.1\n" if who == "server"
+                              else "extendedKeyUsage=clientAuth\n")
+        run("x509", "-req", "-in", str(request), "-CA", str(files["ca"]), "-CAkey",
+            str(files["ca_key"]), "-CAcreateserial", "-days", "2", "-extfile", str(extensions),
+            "-out", str(files[f"{who}_cert"]))
+    return files
+
+
+def test_events_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    certificates = tmp_path / "certs"
+    certificates.mkdir()
+    tls = make_certificates(certificates)
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    broker = Broker(folder, tls=tls)
+    broker.start()
+    try:
+        office = Office(broker, tls)
+        try:
+            result = simulate(tmp_path, config_for(tmp_path, broker, tls=tls))
+            assert result.returncode == 0, result.stderr
+            events = office.wait_for(6)
+        finally:
+            office.close()
+    finally:
+        broker.stop()
+    assert [e["event"] for e in events] == RECORDED_CALL
+
+
+def test_events_survive_a_broker_outage_during_a_call_in_order(tmp_path: Path,
+                                                               broker: Broker) -> None:
+    """The broker goes away a second into the call and comes back 30 s later: every event
+    reaches the office once, in order."""
+    office = Office(broker)
+    try:
+        body = step(0.5, "ring") + step(2.0, "offhook") + step(14.0, "onhook")
+        scenario = write_scenario(tmp_path, body, 40.0)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
+             "--scenario", str(scenario), "--config", str(config_for(tmp_path, broker))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        broker.stop()
+        time.sleep(30.0)
+        broker.start()
+        out, err = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0, err
+        events = office.wait_for(6, timeout=20)
+    finally:
+        office.close()
+    printed = [json.loads(line)["event"] for line in out.splitlines()]
+    assert printed == RECORDED_CALL
+    assert [e["event"] for e in events] == RECORDED_CALL
+    assert [e["seq"] for e in events] == list(range(1, 7))
+    assert acked(tmp_path) == 6
+
+
+def test_events_in_the_outbox_of_a_killed_daemon_arrive_after_its_restart(
+        tmp_path: Path, broker: Broker) -> None:
+    broker.stop()  # away while the call happens
+    body = step(0.5, "ring") + step(2.0, "offhook") + step(11.0, "onhook")
+    scenario = write_scenario(tmp_path, body, 40.0)
+    config = config_for(tmp_path, broker)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
+         "--scenario", str(scenario), "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert daemon.stdout is not None
+    for line in daemon.stdout:
+        if json.loads(line)["event"] == "call_ended":
+            break
+    time.sleep(0.5)  # the outbox thread writes the last event
+    daemon.send_signal(signal.SIGKILL)
+    daemon.wait()
+    assert [json.loads(e["payload"])["event"] for e in outbox_lines(tmp_path)] == RECORDED_CALL
+    broker.start()
+    delivered_at_restart(tmp_path, broker, config)
+
+
+def test_the_outbox_drops_a_torn_line_and_keeps_its_numbers(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    for n in range(3):
+        outbox.append("t", {"event": "e", "n": n})
+    outbox.acknowledge(2)  # out of order: nothing before it is done yet
+    assert outbox.acked == 0
+    outbox.acknowledge(1)
+    assert outbox.acked == 2 and [e.seq for e in outbox.pending] == [3]
+    outbox.close()
+    with (tmp_path / OUTBOX_NAME).open("ab") as torn:
+        torn.write(b'{"seq": 4, "topic": "t", "pay')  # a power cut mid-write
+    again = Outbox(tmp_path)
+    assert [e.seq for e in again.pending] == [3]
+    assert again.append("t", {"event": "e"}).seq == 4  # numbers go on, never reused
+    again.close()
+    assert (tmp_path / OUTBOX_NAME).read_text().count("\n") == 4
