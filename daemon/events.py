@@ -15,6 +15,8 @@ logger = logging.getLogger(__name__)
 
 class EventKind(StrEnum):
     CALL_STARTED = "call_started"
+    RINGING = "ringing"
+    RINGING_STOPPED = "ringing_stopped"
     CALLER_ID = "caller_id"
     CALL_ANSWERED = "call_answered"
     DISCLOSURE_STARTED = "disclosure_started"

@@ -378,6 +378,9 @@ class Line:
         ringing = self._last_ring is not None and end - self._last_ring < self._ring_window
         if self.state is LineState.RINGING and not ringing:
             self._caller_id = None  # a missed call: its number belongs to no answered call
+            self._emit(EventKind.RINGING_STOPPED, end)
+        elif self.state is LineState.IDLE and ringing:
+            self._emit(EventKind.RINGING, start)
         self.state = LineState.RINGING if ringing else LineState.IDLE
         known = self._caller_id
         if known is not None and not ringing \

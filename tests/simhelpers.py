@@ -128,11 +128,22 @@ def decode(opus: Path, tmp_path: Path) -> np.ndarray:
     return read_wav(out)
 
 
-def run_sim(tmp_path: Path, scenario: Path, config: Path) -> list[dict[str, Any]]:
+RINGING_EVENTS = ("ringing", "ringing_stopped")
+"""The line's own events around a call; most tests follow the call's and leave them out."""
+
+
+def run_sim(tmp_path: Path, scenario: Path, config: Path, *,
+            ringing: bool = False) -> list[dict[str, Any]]:
+    """The events of a simulation, in order; ``ringing`` keeps the ringing events too."""
     result = linerec("simulate", "--scenario", str(scenario), "--config", str(config),
                      "--workdir", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    return events if ringing else without_ringing(events)
+
+
+def without_ringing(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] not in RINGING_EVENTS]
 
 
 class Subscriber:

@@ -66,6 +66,18 @@ def test_inbound_with_dtmf_clip_records_the_callers_number(tmp_path: Path,
     assert tags_of(opus)["CALLER"] == "0201234567"
 
 
+def test_ringing_is_an_event_and_a_missed_call_says_so(tmp_path: Path) -> None:
+    body = (step(0.5, "ring", until=7.0) + step(14.0, "ring") + step(19.5, "offhook")
+            + step(30.0, "onhook"))
+    events = run_sim(tmp_path, write_scenario(tmp_path, body, 32.0), sim_config(tmp_path),
+                     ringing=True)
+    assert kinds(events) == ["ringing", "ringing_stopped", "ringing", *RECORDED_CALL]
+    first, stopped = events[0], events[1]
+    assert first["sample"] == pytest.approx(0.5 * RATE, abs=160) and first["call_id"] is None
+    # Missed: no ring came within ring_window_s (6 s) after the last burst ended (6.5 s).
+    assert stopped["sample"] == pytest.approx(12.5 * RATE, abs=160)
+
+
 def test_inbound_with_fsk_caller_id_between_the_first_rings(tmp_path: Path) -> None:
     # ETSI FSK after the first ring (1 s on), before the second (at 5.5 s).
     body = (step(0.5, "ring") + step(2.2, "callerid", format="fsk", number="+31201234567",

@@ -25,6 +25,9 @@ from simhelpers import RECORDED_CALL, free_port, recordings, sim_config, step, w
 
 from linerec.daemon.outbox import ACKED_NAME, OUTBOX_NAME, Outbox
 
+RINGING_CALL = ["ringing", *RECORDED_CALL]
+"""An answered inbound call as MQTT carries it: the line rings, then the call's events."""
+
 DAEMON = ("linerec", "daemon-secret")
 OFFICE = ("office", "office-secret")
 EVENT_TOPICS = "linerec/office/#"
@@ -160,18 +163,18 @@ def acked(tmp_path: Path) -> int:
 
 
 def delivered_at_restart(tmp_path: Path, broker: Broker, config: Path) -> None:
-    """The daemon starts again (a scenario with no call): the call's six events left in its
-    outbox reach the office, in order, numbered 1 to 6, each once."""
+    """The daemon starts again (a scenario with no call): the call's seven events left in
+    its outbox reach the office, in order, numbered 1 to 7, each once."""
     office = Office(broker)
     try:
         result = simulate(tmp_path, config, "", 0.5)
         assert result.returncode == 0, result.stderr
-        events = office.wait_for(6)
+        events = office.wait_for(7)
         time.sleep(0.5)  # anything sent twice would have arrived by now
         events = office.events()
     finally:
         office.close()
-    assert [(e["seq"], e["event"]) for e in events] == list(zip(range(1, 7), RECORDED_CALL,
+    assert [(e["seq"], e["event"]) for e in events] == list(zip(range(1, 8), RINGING_CALL,
                                                                 strict=True))
 
 
@@ -181,18 +184,18 @@ def test_events_reach_the_office_through_password_and_acl(tmp_path: Path,
     try:
         result = simulate(tmp_path, config_for(tmp_path, broker))
         assert result.returncode == 0, result.stderr
-        events = office.wait_for(len(RECORDED_CALL))
+        events = office.wait_for(len(RINGING_CALL))
         statuses = [m for topic, m in office.messages if topic.endswith("/status")]
     finally:
         office.close()
-    assert [e["event"] for e in events] == RECORDED_CALL
-    assert [e["seq"] for e in events] == list(range(1, 7))
+    assert [e["event"] for e in events] == RINGING_CALL
+    assert [e["seq"] for e in events] == list(range(1, 8))
     schema = json.loads((Path(__file__).resolve().parent.parent / "docs" / "mqtt"
                          / "event.schema.json").read_text())
     for event in events:
         jsonschema.Draft202012Validator(schema).validate(event)
     assert statuses == ["online", "offline"]  # offline said at a clean stop
-    assert acked(tmp_path) == 6
+    assert acked(tmp_path) == 7
 
 
 def test_a_refused_password_loses_no_call_and_no_event(tmp_path: Path, broker: Broker) -> None:
@@ -200,10 +203,10 @@ def test_a_refused_password_loses_no_call_and_no_event(tmp_path: Path, broker: B
     assert result.returncode == 0, result.stderr
     assert "refused the connection" in result.stderr
     assert len(recordings(tmp_path)) == 1  # the recorder records whether or not MQTT works
-    assert [json.loads(e["payload"])["event"] for e in outbox_lines(tmp_path)] == RECORDED_CALL
+    assert [json.loads(e["payload"])["event"] for e in outbox_lines(tmp_path)] == RINGING_CALL
     # With the right password the next start delivers them, in order, and nothing twice.
     delivered_at_restart(tmp_path, broker, config_for(tmp_path, broker))
-    assert acked(tmp_path) == 6
+    assert acked(tmp_path) == 7
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -241,12 +244,12 @@ def test_events_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
         try:
             result = simulate(tmp_path, config_for(tmp_path, broker, tls=tls))
             assert result.returncode == 0, result.stderr
-            events = office.wait_for(6)
+            events = office.wait_for(7)
         finally:
             office.close()
     finally:
         broker.stop()
-    assert [e["event"] for e in events] == RECORDED_CALL
+    assert [e["event"] for e in events] == RINGING_CALL
 
 
 def test_events_survive_a_broker_outage_during_a_call_in_order(tmp_path: Path,
@@ -267,14 +270,14 @@ def test_events_survive_a_broker_outage_during_a_call_in_order(tmp_path: Path,
         broker.start()
         out, err = daemon.communicate(timeout=60)
         assert daemon.returncode == 0, err
-        events = office.wait_for(6, timeout=20)
+        events = office.wait_for(7, timeout=20)
     finally:
         office.close()
     printed = [json.loads(line)["event"] for line in out.splitlines()]
-    assert printed == RECORDED_CALL
-    assert [e["event"] for e in events] == RECORDED_CALL
-    assert [e["seq"] for e in events] == list(range(1, 7))
-    assert acked(tmp_path) == 6
+    assert printed == RINGING_CALL
+    assert [e["event"] for e in events] == RINGING_CALL
+    assert [e["seq"] for e in events] == list(range(1, 8))
+    assert acked(tmp_path) == 7
 
 
 def test_events_in_the_outbox_of_a_killed_daemon_arrive_after_its_restart(
@@ -294,7 +297,7 @@ def test_events_in_the_outbox_of_a_killed_daemon_arrive_after_its_restart(
     time.sleep(0.5)  # the outbox thread writes the last event
     daemon.send_signal(signal.SIGKILL)
     daemon.wait()
-    assert [json.loads(e["payload"])["event"] for e in outbox_lines(tmp_path)] == RECORDED_CALL
+    assert [json.loads(e["payload"])["event"] for e in outbox_lines(tmp_path)] == RINGING_CALL
     broker.start()
     delivered_at_restart(tmp_path, broker, config)
 

@@ -28,6 +28,7 @@ from simhelpers import (
     sim_config,
     speak,
     step,
+    without_ringing,
     write_scenario,
 )
 
@@ -47,7 +48,7 @@ def test_inbound_call_is_recorded_after_the_disclosure(
         events = run_sim(tmp_path, scenario, sim_config(tmp_path, mosquitto))
         deadline = threading.Event()
         for _ in range(50):
-            if len(subscriber.messages) >= len(RECORDED_CALL):
+            if len(subscriber.messages) >= len(RECORDED_CALL) + 1:
                 break
             deadline.wait(0.1)
     finally:
@@ -60,10 +61,12 @@ def test_inbound_call_is_recorded_after_the_disclosure(
     assert all(ISO_MS.match(e["ts"]) for e in events)
     assert events[0]["direction"] == "inbound"
     # The same events reached the broker, in the same order, on the line's topic.
-    assert [topic for topic, _ in subscriber.messages] == ["linerec/office/line/line1/event"] * 6
+    # The line rang first: the ringing event, then the call's.
+    assert [topic for topic, _ in subscriber.messages] == ["linerec/office/line/line1/event"] * 7
     # Each with the device's sequence number, which consumers use to drop duplicates.
-    assert [m.pop("seq") for _, m in subscriber.messages] == list(range(1, 7))
-    assert [m for _, m in subscriber.messages] == events
+    assert [m.pop("seq") for _, m in subscriber.messages] == list(range(1, 8))
+    assert subscriber.messages[0][1]["event"] == "ringing"
+    assert [m for _, m in subscriber.messages[1:]] == events
 
     stopped = events[4]
     opus = Path(stopped["file"])
@@ -313,7 +316,7 @@ def test_an_overrun_is_counted_and_does_not_shift_the_audio_after_it(
                      str(sim_config(tmp_path)), "--workdir", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr
     assert f"overrun on capture tap at sample {round(overrun_at * RATE)}" in result.stderr
-    events = [json.loads(line) for line in result.stdout.splitlines()]
+    events = without_ringing([json.loads(line) for line in result.stdout.splitlines()])
     assert [e["event"] for e in events] == RECORDED_CALL
     first = events[2]["sample"]
     decoded = decode(Path(events[4]["file"]), tmp_path)
@@ -352,7 +355,7 @@ def test_a_capture_device_that_goes_away_is_reopened_and_the_recording_ends_ther
                      str(sim_config(tmp_path)), "--workdir", str(tmp_path / "work"))
     assert result.returncode == 0, result.stderr
     assert "capture device tap failed" in result.stderr and "tap is back" in result.stderr
-    events = [json.loads(line) for line in result.stdout.splitlines()]
+    events = without_ringing([json.loads(line) for line in result.stdout.splitlines()])
     (device_error,) = [e for e in events if e["event"] == "error" and e["line"] is None]
     assert "unplugged" in device_error["message"]
     line1 = [e for e in events if e["line"] == "line1"]
