@@ -169,7 +169,7 @@ def _stop_on_signals() -> threading.Event:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from linerec.daemon.mqtt import MqttEventSink
+    from linerec.daemon.telemetry import MqttInterface
     from linerec.hw.board import PiHat
 
     try:
@@ -180,13 +180,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = _stop_on_signals()
     notifier = ServiceNotifier()
     events = EventBus([LogSink()])
-    mqtt = None
-    if config.mqtt is not None:
-        mqtt = MqttEventSink(config.mqtt, config.device_id, config.storage)
-        events.add(mqtt)
-        mqtt.start()
     hat = PiHat(config.audio.rate)
     recorder = Recorder(config, hat, events)
+    mqtt = None
+    if config.mqtt is not None:
+        mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised)
+        mqtt.start()
     status = 0
     try:
         recorder.start()

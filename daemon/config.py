@@ -246,6 +246,10 @@ class MqttConfig:
     """Client certificate (PEM), for a broker that asks for one; needs key_file."""
     key_file: Path | None = None
     """Private key (PEM) of cert_file."""
+    discovery: bool = True
+    """Publish Home Assistant MQTT discovery for the lines and the appliance's health."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix."""
 
 
 @dataclass(frozen=True)
@@ -497,6 +501,8 @@ def _check_mqtt(mqtt: MqttConfig, fail: Callable[[str, str], None]) -> None:
     if not TOPIC_LEVEL.match(mqtt.topic_prefix):
         fail("mqtt.topic_prefix", "use letters, digits, '-', '_' or '/' between levels; no "
              "'+', '#' or spaces")
+    if not TOPIC_LEVEL.match(mqtt.discovery_prefix):
+        fail("mqtt.discovery_prefix", "use letters, digits, '-', '_' or '/' between levels")
     if (mqtt.cert_file is None) != (mqtt.key_file is None):
         fail("mqtt.key_file" if mqtt.key_file is None else "mqtt.cert_file",
              "a client certificate needs both cert_file and key_file")

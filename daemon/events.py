@@ -56,7 +56,8 @@ class EventBus:
         self._lock = threading.Lock()
 
     def add(self, sink: EventSink) -> None:
-        self._sinks.append(sink)
+        with self._lock:
+            self._sinks.append(sink)
 
     def emit(self, event: dict[str, Any]) -> None:
         # Lines on different capture devices emit from different engine threads; the lock

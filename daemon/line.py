@@ -309,6 +309,8 @@ class Line:
         self._pulses = PulseDialling(self._rate)
         self._caller_id: CallerId | None = None
         self.failures_in_a_row = 0
+        self.disclosure_failures = 0
+        """Since start-up, for the health topic."""
         self.in_fault = False
         self.call: Call | None = None
 
@@ -719,6 +721,7 @@ class Line:
         call = self.call
         assert call is not None
         call.disclosure_failure = reason
+        self.disclosure_failures += 1
         self.state = LineState.UNRECORDED
         self._emit(EventKind.DISCLOSURE_FAILED, position, reason=reason)
         self._save_receipt(call, position)

@@ -91,6 +91,15 @@ class MqttEventSink:
     def publish(self, event: dict[str, Any]) -> None:
         self._work.put(("event", event))
 
+    def publish_retained(self, suffix: str, payload: str | dict[str, Any]) -> None:
+        """A retained state topic under ``<prefix>/<device_id>/``: only its latest value
+        matters, so it skips the outbox (paho queues it while offline)."""
+        self.publish_absolute(f"{self._base}/{suffix}", payload)
+
+    def publish_absolute(self, topic: str, payload: str | dict[str, Any]) -> None:
+        text = payload if isinstance(payload, str) else json.dumps(payload)
+        self._client.publish(topic, text, qos=1, retain=True)
+
     @property
     def unacknowledged(self) -> int:
         return len(self._outbox.pending) if self._outbox else 0

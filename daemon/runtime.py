@@ -186,10 +186,19 @@ class Recorder:
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         text = ", ".join(f"{line.name}: {line.state}" for line in self.lines)
-        counts = {e.capture_name: sum(1 for g in e.capture.gaps if g[2] == "overrun")
-                  for e in self.engines}
-        overruns = [f"{name} {count}" for name, count in counts.items() if count]
+        overruns = [f"{name} {count}" for name, count in self.overruns().items() if count]
         return f"{text}; overruns: {', '.join(overruns)}" if overruns else text
+
+    def overruns(self) -> dict[str, int]:
+        """Overruns since start-up, per capture device."""
+        return {e.capture_name: sum(1 for g in e.capture.gaps if g[2] == "overrun")
+                for e in self.engines}
+
+    def disclosure_failures(self) -> dict[str, int]:
+        return {line.name: line.disclosure_failures for line in self.lines}
+
+    def lines_in_fault(self) -> list[str]:
+        return [line.name for line in self.lines if line.in_fault]
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every engine has ended (the simulator's end, or a device failure)."""

@@ -10,8 +10,8 @@ from typing import Any, TextIO
 
 from linerec.daemon.config import Config, config_from_dict
 from linerec.daemon.events import EventBus, EventSink
-from linerec.daemon.mqtt import MqttEventSink
 from linerec.daemon.runtime import Recorder
+from linerec.daemon.telemetry import MqttInterface
 from linerec.hw.sim import SimulatedHat
 
 logger = logging.getLogger(__name__)
@@ -99,13 +99,12 @@ def run_simulation(
     failure of the simulated line. The hat is closed afterwards."""
     config = hat.config
     events = EventBus(sinks)
+    recorder = Recorder(config, hat, events, until=hat.total)
     mqtt = None
     if config.mqtt is not None:
-        mqtt = MqttEventSink(config.mqtt, config.device_id, config.storage)
-        events.add(mqtt)
+        mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised)
         mqtt.start(wait_s=5.0)
     try:
-        recorder = Recorder(config, hat, events, until=hat.total)
         recorder.start()
         try:
             hat.start_lines()

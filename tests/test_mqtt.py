@@ -46,8 +46,10 @@ class Broker:
             subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if user == DAEMON[0] else []),
                             str(passwords), user, password], check=True)
         acl = folder / "acl"
-        acl.write_text(f"user {DAEMON[0]}\ntopic readwrite linerec/office/#\n\n"
-                       f"user {OFFICE[0]}\ntopic read linerec/office/#\n")
+        acl.write_text(f"user {DAEMON[0]}\ntopic readwrite linerec/office/#\n"
+                       "topic readwrite homeassistant/#\n\n"
+                       f"user {OFFICE[0]}\ntopic read linerec/office/#\n"
+                       "topic read homeassistant/#\n")
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous false",
                  f"password_file {passwords}", f"acl_file {acl}", "persistence true",
                  f"persistence_location {folder}/", "user root"]
@@ -96,16 +98,18 @@ class Office:
     """The office's client: a persistent session, so that what the broker holds for it while
     it is away (or the broker restarts) reaches it."""
 
-    def __init__(self, broker: Broker, tls: dict[str, Path] | None = None) -> None:
+    def __init__(self, broker: Broker, tls: dict[str, Path] | None = None,
+                 topics: tuple[str, ...] = (EVENT_TOPICS,), client_id: str = "office-test"
+                 ) -> None:
         self.messages: list[tuple[str, Any]] = []
         self._subscribed = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="office-test",
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   clean_session=False)
         self.client.username_pw_set(*OFFICE)
         if tls:
             self.client.tls_set(ca_certs=str(tls["ca"]), certfile=str(tls["client_cert"]),
                                 keyfile=str(tls["client_key"]), cert_reqs=ssl.CERT_REQUIRED)
-        self.client.on_connect = lambda c, *a: c.subscribe(EVENT_TOPICS, qos=1)
+        self.client.on_connect = lambda c, *a: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda *a: self._subscribed.set()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 2)
@@ -115,8 +119,11 @@ class Office:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
         payload = message.payload.decode()
-        self.messages.append((message.topic, payload if message.topic.endswith("/status")
-                              else json.loads(payload)))
+        plain = message.topic.endswith("/status") or not payload
+        self.messages.append((message.topic, payload if plain else json.loads(payload)))
+
+    def on(self, topic: str) -> list[Any]:
+        return [m for t, m in self.messages if t == topic]
 
     def events(self) -> list[dict[str, Any]]:
         return [m for topic, m in self.messages if topic.endswith("/event")]
@@ -318,3 +325,58 @@ def test_the_outbox_drops_a_torn_line_and_keeps_its_numbers(tmp_path: Path) -> N
     assert again.append("t", {"event": "e"}).seq == 4  # numbers go on, never reused
     again.close()
     assert (tmp_path / OUTBOX_NAME).read_text().count("\n") == 4
+
+
+def test_retained_state_last_call_health_config_and_discovery(tmp_path: Path,
+                                                              broker: Broker) -> None:
+    office = Office(broker, topics=(EVENT_TOPICS, "homeassistant/#"))
+    try:
+        result = simulate(tmp_path, config_for(tmp_path, broker))
+        assert result.returncode == 0, result.stderr
+        office.wait_for(7)
+        time.sleep(0.5)
+    finally:
+        office.close()
+    states = [m["state"] for m in office.on("linerec/office/line/line1/state")]
+    assert states == ["idle", "ringing", "offhook", "disclosing", "recording", "offhook", "idle"]
+    recording = office.on("linerec/office/line/line1/state")[4]
+    assert recording["direction"] == "inbound" and recording["call_id"]
+    assert [m["state"] for m in office.on("linerec/office/line/line2/state")] == ["idle"]
+    [last] = office.on("linerec/office/line/line1/last_call")
+    assert last["recorded"] is True and last["call_id"] == recording["call_id"]
+    assert "number" not in last
+    health = office.on("linerec/office/health")[-1]
+    assert health["storage_free_bytes"] > 0 and health["version"]
+    assert health["disclosure_failures"] == {"line1": 0, "line2": 0}
+    assert health["overruns"] == {"tap": 0} and health["lines_in_fault"] == []
+    [config] = office.on("linerec/office/config")
+    assert config["mqtt"]["username"] == DAEMON[0] and config["mqtt"]["password"] is None
+    assert DAEMON[1] not in json.dumps(office.messages)
+    assert [line["name"] for line in config["line"]] == ["line1", "line2"]
+    for topic, name in (("line/line1/state", "state"), ("line/line2/state", "state"),
+                        ("line/line1/last_call", "last_call"), ("health", "health")):
+        schema = json.loads((Path(__file__).resolve().parent.parent / "docs" / "mqtt"
+                             / f"{name}.schema.json").read_text())
+        for payload in office.on(f"linerec/office/{topic}"):
+            jsonschema.Draft202012Validator(schema).validate(payload)
+    discovery = {t: m for t, m in office.messages if t.startswith("homeassistant/")}
+    assert len(discovery) == 7
+    recording_sensor = discovery["homeassistant/binary_sensor/office_line1_recording/config"]
+    assert recording_sensor["state_topic"] == "linerec/office/line/line1/state"
+    assert recording_sensor["availability_topic"] == "linerec/office/status"
+
+    # line2 taken out of the config: its entities are removed from Home Assistant.
+    config_file = config_for(tmp_path, broker)
+    text = config_file.read_text()
+    start = text.index('[[line]]\nname = "line2"')
+    config_file.write_text(text[:start] + text[text.index("\n[mqtt]"):])
+    office = Office(broker, topics=("homeassistant/#",), client_id="office-test-2")
+    try:
+        result = simulate(tmp_path, config_file, "", 0.5)
+        assert result.returncode == 0, result.stderr
+        time.sleep(1.0)
+    finally:
+        office.close()
+    cleared = sorted(t for t, m in office.messages if m == "")
+    assert cleared == [f"homeassistant/{kind}/office_line2_{what}/config" for kind, what in (
+        ("binary_sensor", "recording"), ("sensor", "last_call"), ("sensor", "state"))]
