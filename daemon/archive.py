@@ -232,6 +232,34 @@ class CallFilter:
         return True
 
 
+def call_summary(call: Call, held: bool, *, relative_to: Path | None = None) -> dict[str, Any]:
+    """What ``find`` tells of a call; paths relative to ``relative_to`` when given (MQTT
+    replies name no paths of the appliance's disk)."""
+    receipt = call.receipt
+    number = section(receipt, "number")
+    recording = section(receipt, "recording")
+    file = call.recording_file
+
+    def shown(path: Path) -> str:
+        return str(path.relative_to(relative_to)) if relative_to else str(path)
+
+    return {
+        "call_id": call.call_id,
+        "started_at": receipt.get("started_at"),
+        "ended_at": receipt.get("ended_at"),
+        "line": receipt.get("line"),
+        "direction": receipt.get("direction"),
+        "number": call.number,
+        "number_unknown": number.get("unknown_reason"),
+        "state": call.state,
+        "duration_s": recording.get("duration_s") if file else None,
+        "recording": shown(file) if file else None,
+        "receipt": shown(call.receipt_path),
+        "retention_until": receipt.get("retention_until"),
+        "held": held,
+    }
+
+
 def find_calls(storage: Path, selection: CallFilter) -> list[Call]:
     """The readable receipts that match, oldest first; unreadable ones are logged."""
     found = []

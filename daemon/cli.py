@@ -14,7 +14,6 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from linerec.daemon import __version__, archive
 from linerec.daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
@@ -370,7 +369,7 @@ def cmd_find(args: argparse.Namespace) -> int:
     selection = _selection(args)
     calls = archive.find_calls(storage, selection)
     holds = archive.current_holds(storage)
-    rows = [_summary(call, call.call_id in holds) for call in calls]
+    rows = [archive.call_summary(call, call.call_id in holds) for call in calls]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -387,28 +386,6 @@ def cmd_find(args: argparse.Namespace) -> int:
               f"{'  ' + flags if flags else ''}")
     print(f"{len(rows)} call(s)", file=sys.stderr)
     return 0
-
-
-def _summary(call: archive.Call, held: bool) -> dict[str, Any]:
-    receipt = call.receipt
-    number = archive.section(receipt, "number")
-    recording = archive.section(receipt, "recording")
-    file = call.recording_file
-    return {
-        "call_id": call.call_id,
-        "started_at": receipt.get("started_at"),
-        "ended_at": receipt.get("ended_at"),
-        "line": receipt.get("line"),
-        "direction": receipt.get("direction"),
-        "number": call.number,
-        "number_unknown": number.get("unknown_reason"),
-        "state": call.state,
-        "duration_s": recording.get("duration_s") if file else None,
-        "recording": str(file) if file else None,
-        "receipt": str(call.receipt_path),
-        "retention_until": receipt.get("retention_until"),
-        "held": held,
-    }
 
 
 @_recordings_command

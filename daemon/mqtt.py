@@ -8,6 +8,7 @@ import queue
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,19 @@ class MqttEventSink:
         """paho message id -> outbox seq, for the PUBACKs to come."""
         self._outbox: Outbox | None = None
         self._thread = threading.Thread(target=self._run, name="mqtt-outbox", daemon=True)
-        self._idle = threading.Event()
+        self._commands: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._handler: Callable[[str, bytes], dict[str, Any]] | None = None
+        self._command_thread = threading.Thread(target=self._answer, name="mqtt-commands",
+                                                daemon=True)
+        self._client.on_message = self._on_message
 
     @property
     def status_topic(self) -> str:
         return f"{self._base}/status"
+
+    def set_command_handler(self, handler: Callable[[str, bytes], dict[str, Any]]) -> None:
+        """Answer ``<base>/cmd/<name>`` requests on ``<base>/reply`` (set before start)."""
+        self._handler = handler
 
     def topic(self, line: str | None) -> str:
         return f"{self._base}/line/{line}/event" if line else f"{self._base}/event"
@@ -81,6 +90,8 @@ class MqttEventSink:
         if left:
             logger.info("%d event(s) from before wait in the MQTT outbox", left)
         self._thread.start()
+        if self._handler is not None:
+            self._command_thread.start()
         self._client.connect_async(self._config.host, self._config.port,
                                    keepalive=self._config.keepalive_s)
         self._client.loop_start()
@@ -113,6 +124,9 @@ class MqttEventSink:
             time.sleep(0.02)
         self._work.put(("stop", None))
         self._thread.join(timeout=5.0)
+        if self._command_thread.is_alive():
+            self._commands.put(None)
+            self._command_thread.join(timeout=5.0)
         if self.unacknowledged:
             logger.warning("%d event(s) had not reached the MQTT broker at shutdown; they "
                            "wait in the outbox", self.unacknowledged)
@@ -148,6 +162,20 @@ class MqttEventSink:
                 if kind == "event":
                     self._client.publish(self.topic(item.get("line")), json.dumps(item), qos=1)
 
+    def _answer(self) -> None:
+        """The commands thread: a slow command (a search through every receipt) never holds
+        up paho's network thread or the events."""
+        assert self._handler is not None
+        while (request := self._commands.get()) is not None:
+            name, payload = request
+            try:
+                reply = self._handler(name, payload)
+            except Exception as exc:  # a bug must still answer, and not stop the thread
+                logger.exception("command %s failed", name)
+                reply = {"request_id": None, "command": name, "ok": False,
+                         "error": {"key": "(internal)", "problem": str(exc)}}
+            self._client.publish(f"{self._base}/reply", json.dumps(reply), qos=1)
+
     def _send(self, entry: OutboxEntry) -> None:
         info = self._client.publish(entry.topic, entry.payload, qos=1)
         self._in_flight[info.mid] = entry.seq
@@ -162,7 +190,13 @@ class MqttEventSink:
             return
         logger.info("connected to MQTT broker %s:%d", self._config.host, self._config.port)
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
+        if self._handler is not None:
+            client.subscribe(f"{self._base}/cmd/+", qos=1)
         self._connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        name = str(message.topic).rsplit("/", 1)[-1]
+        self._commands.put((name, bytes(message.payload)))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:

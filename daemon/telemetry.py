@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from linerec.daemon import __version__
+from linerec.daemon.commands import CommandHandler
 from linerec.daemon.config import Config, Secret
 from linerec.daemon.events import iso_ms
 
@@ -69,6 +70,7 @@ class Telemetry:
         self._recorded_bytes = 0
         self._faulted: set[str] = set()
         self._calls: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mqtt-health", daemon=True)
 
@@ -120,11 +122,12 @@ class Telemetry:
 
     def _publish_state(self, line: str, state: str, call: dict[str, Any] | None,
                        direction: str | None, since: str) -> None:
-        self._publisher.publish_retained(f"line/{line}/state", {
+        self._states[line] = payload = {
             "state": state, "since": since,
             "call_id": call["call_id"] if call else None,
             "direction": call["direction"] if call else direction if state != "idle" else None,
-        })
+        }
+        self._publisher.publish_retained(f"line/{line}/state", payload)
 
     # ---- health ------------------------------------------------------------------------
 
@@ -138,13 +141,20 @@ class Telemetry:
                 return
 
     def publish_health(self) -> None:
+        self._publisher.publish_retained("health", self.health())
+
+    def status(self) -> dict[str, Any]:
+        """The answer to the ``status`` command: each line's state and the health."""
+        return {"lines": dict(self._states), "health": self.health()}
+
+    def health(self) -> dict[str, Any]:
         storage = self._config.storage
         free = shutil.disk_usage(storage).free if storage.exists() else None
         uptime = time.monotonic() - self._started
         per_day = self._recorded_bytes / uptime * 86400 if uptime >= 60 and \
             self._recorded_bytes else None
         synchronised = self._synchronised() if callable(self._synchronised) else None
-        self._publisher.publish_retained("health", {
+        return {
             "ts": iso_ms(datetime.now(UTC)),
             "version": __version__,
             "uptime_s": round(uptime, 1),
@@ -156,7 +166,7 @@ class Telemetry:
             "disclosure_failures": self._health.disclosure_failures(),
             "lines_in_fault": self._health.lines_in_fault(),
             "clock_synchronised": synchronised,
-        })
+        }
 
     # ---- Home Assistant ------------------------------------------------------------------
 
@@ -249,6 +259,9 @@ class MqttInterface:
         self.sink = MqttEventSink(config.mqtt, config.device_id, config.storage)
         self.telemetry = Telemetry(config, self.sink, health,
                                    clock_synchronised=clock_synchronised)
+        self.commands = CommandHandler(config.storage, self.telemetry.status,
+                                       config.numbers.country_code)
+        self.sink.set_command_handler(self.commands.handle)
 
     def start(self, wait_s: float = 0.0) -> None:
         self.sink.start(wait_s)

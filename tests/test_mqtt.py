@@ -49,7 +49,7 @@ class Broker:
         acl.write_text(f"user {DAEMON[0]}\ntopic readwrite linerec/office/#\n"
                        "topic readwrite homeassistant/#\n\n"
                        f"user {OFFICE[0]}\ntopic read linerec/office/#\n"
-                       "topic read homeassistant/#\n")
+                       "topic write linerec/office/cmd/#\ntopic read homeassistant/#\n")
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous false",
                  f"password_file {passwords}", f"acl_file {acl}", "persistence true",
                  f"persistence_location {folder}/", "user root"]
@@ -380,3 +380,107 @@ def test_retained_state_last_call_health_config_and_discovery(tmp_path: Path,
     cleared = sorted(t for t, m in office.messages if m == "")
     assert cleared == [f"homeassistant/{kind}/office_line2_{what}/config" for kind, what in (
         ("binary_sensor", "recording"), ("sensor", "last_call"), ("sensor", "state"))]
+
+
+def test_commands_answer_every_request_once_and_change_nothing_when_wrong(
+        tmp_path: Path, broker: Broker) -> None:
+    config = config_for(tmp_path, broker)
+    assert simulate(tmp_path, config).returncode == 0  # one recorded call in the storage
+    [receipt_file] = (tmp_path / "recordings").glob("*/*/*/*.json")
+    call_id = receipt_file.stem
+    office = Office(broker, topics=("linerec/office/reply",))
+    try:
+        scenario = write_scenario(tmp_path, "", 25.0)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
+             "--scenario", str(scenario), "--config", str(config)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        requests = [
+            ("find", {"request_id": "r1", "args": {"line": "line1"}}),
+            ("find", {"request_id": "r2", "args": {"from": "yesterday"}}),
+            ("hold", {"request_id": "r3", "args": {"call_ids": [call_id], "reason": "T-1"}}),
+            ("delete", {"request_id": "r4", "args": {"call_ids": [call_id],
+                                                     "reason": "DSR-9"}}),
+            ("delete", {"request_id": "r5", "args": {"call_ids": ["../../etc/passwd"],
+                                                     "reason": "x"}}),
+            ("status", {"request_id": "r6"}),
+            ("launch", {"request_id": "r7"}),
+            ("export-list", {"request_id": "r8", "args": {"call_ids": [call_id]}}),
+        ]
+        time.sleep(3.0)  # connected and subscribed
+        for name, request in requests:
+            office.client.publish(f"linerec/office/cmd/{name}", json.dumps(request), qos=1)
+        office.client.publish("linerec/office/cmd/find", b"\xff not json", qos=1)
+        deadline = time.monotonic() + 15
+        while len(office.on("linerec/office/reply")) < 9 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        daemon.terminate()
+        daemon.wait(timeout=30)
+    finally:
+        office.close()
+    replies = {r["request_id"]: r for r in office.on("linerec/office/reply")}
+    assert len(office.on("linerec/office/reply")) == 9
+    schema = json.loads((Path(__file__).resolve().parent.parent / "docs" / "mqtt"
+                         / "reply.schema.json").read_text())
+    for reply in replies.values():
+        jsonschema.Draft202012Validator(schema).validate(reply)
+    assert [c["call_id"] for c in replies["r1"]["result"]] == [call_id]
+    assert not str(replies["r1"]["result"][0]["recording"]).startswith("/")
+    assert replies["r2"]["error"]["key"] == "args.from"
+    assert replies["r3"]["ok"] and replies["r3"]["result"] == [call_id]
+    assert not replies["r4"]["ok"] and "hold" in replies["r4"]["error"]["problem"]
+    assert replies["r5"]["error"]["key"] == "args" and "not a linerec call id" in \
+        replies["r5"]["error"]["problem"]
+    assert replies["r6"]["result"]["lines"]["line1"]["state"] == "idle"
+    assert replies["r7"]["error"]["key"] == "(topic)"
+    assert replies["r8"]["result"][0]["recording_sha256"]
+    assert replies[None]["error"]["key"] == "(payload)"
+    assert receipt_file.is_file()  # held: the delete changed nothing
+
+
+def test_random_payloads_get_one_reply_each_and_change_nothing(tmp_path: Path) -> None:
+    """Property-based: whatever arrives on a command topic is answered, never crashes the
+    handler, and leaves the storage as it was."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from linerec.daemon.commands import CommandHandler
+
+    assert simulate(tmp_path, sim_config(tmp_path)).returncode == 0
+    storage = tmp_path / "recordings"
+    handler = CommandHandler(storage, lambda: {"lines": {}})
+
+    def snapshot() -> dict[str, bytes]:
+        return {str(p): p.read_bytes() for p in sorted(storage.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+        | st.text(max_size=30),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10),
+                                                                     inner, max_size=4),
+        max_leaves=12)
+    requests = st.fixed_dictionaries(
+        {"request_id": st.text(max_size=70) | st.sampled_from(["r1", "ok-id"])},
+        optional={"args": st.dictionaries(
+            st.sampled_from(["call_ids", "reason", "number", "from", "to", "line", "x"]),
+            json_values, max_size=4), "junk": json_values})
+    payloads = st.binary(max_size=200) | requests.map(lambda r: json.dumps(r).encode())
+    names = st.sampled_from([*handler.names, "reload", "", "../x"])
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(names, payloads)
+    def answered(name: str, payload: bytes) -> None:
+        reply = handler.handle(name, payload)
+        assert isinstance(reply["ok"], bool)
+        json.dumps(reply)  # a reply can always be sent
+        if not reply["ok"]:
+            assert reply["error"]["key"] and reply["error"]["problem"]
+
+    answered()
+    after = snapshot()
+    # The audit log may have gained hold/release lines for nothing: compare the rest.
+    assert {k: v for k, v in after.items() if not k.endswith("audit.jsonl")} == \
+        {k: v for k, v in before.items() if not k.endswith("audit.jsonl")}
+    assert after[str(storage / "audit.jsonl")] == before[str(storage / "audit.jsonl")]
