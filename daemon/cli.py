@@ -183,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     recorder = Recorder(config, hat, events)
     mqtt = None
     if config.mqtt is not None:
-        mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised)
+        mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised,
+                             config_path=args.config, apply=recorder.apply_config)
         mqtt.start()
     status = 0
     try:
@@ -242,7 +243,8 @@ def _simulate(args: argparse.Namespace, scenario_path: Path,
     collector = RecordingCollector()
     stop = _stop_on_signals()
     try:
-        run_simulation(hat, [*sinks(config), collector], stop=stop)
+        run_simulation(hat, [*sinks(config), collector], stop=stop,
+                       config_path=getattr(args, "config", None))
     except ScenarioError as exc:
         print(f"linerec: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from linerec.daemon import archive
+from linerec.daemon.config import Config, ConfigError
+from linerec.daemon.reconfigure import changes, patched_config, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +35,52 @@ class BadRequest(ValueError):
         self.problem = problem
 
 
+class Configurator:
+    """``config/set`` and ``reload``: checked like the file, written atomically, applied
+    between calls (docs/MQTT.md)."""
+
+    def __init__(self, path: Path | None, running: Config,
+                 apply: Callable[[Config], None]) -> None:
+        self._path = path
+        self._running = running
+        """What the devices were opened with: changes to them wait for a restart."""
+        self._current = running
+        self._apply = apply
+
+    def set(self, args: dict[str, Any]) -> Any:
+        _only(args, {"config": True})
+        patch = args["config"]
+        if not isinstance(patch, dict):
+            raise BadRequest("args.config", "expected a JSON object: the keys to change, as in "
+                             "the config file (null removes a key)")
+        return self._take(patch, write=True)
+
+    def reload(self, args: dict[str, Any]) -> Any:
+        _only(args, {})
+        return self._take({}, write=False)
+
+    def _take(self, patch: dict[str, Any], *, write: bool) -> Any:
+        if self._path is None:
+            raise BadRequest("(config)", "this daemon runs on a built-in config: there is no "
+                             "config file to change")
+        try:
+            new, data = patched_config(self._path, patch)
+        except ConfigError as exc:
+            raise BadRequest(f"config.{exc.key}", exc.problem) from None
+        live, _ = changes(self._current, new)
+        _, restart = changes(self._running, new)
+        if write:
+            write_config(self._path, data)  # an OSError here: nothing written, nothing applied
+        self._current = new
+        self._apply(new)
+        return {"applied": live, "restart_required": restart}
+
+
 class CommandHandler:
     """Turns one request into its reply; the MQTT side only carries bytes."""
 
     def __init__(self, storage: Path, status: Callable[[], dict[str, Any]],
-                 country_code: str = "31") -> None:
+                 country_code: str = "31", configurator: Configurator | None = None) -> None:
         self._storage = storage
         self._status = status
         self._country_code = country_code
@@ -49,6 +92,9 @@ class CommandHandler:
             "hold": self._cmd_hold,
             "release": self._cmd_release,
         }
+        if configurator is not None:
+            self._commands["config/set"] = configurator.set
+            self._commands["reload"] = configurator.reload
 
     @property
     def names(self) -> list[str]:

@@ -313,12 +313,15 @@ class Line:
         """Since start-up, for the health topic."""
         self.in_fault = False
         self.call: Call | None = None
+        self._pending: tuple[LineConfig, DisclosureLibrary, NumberRules] | None = None
 
     # ---- the tick -------------------------------------------------------------------
 
     def tick(self, start: int, frames: int) -> None:
         """Advance the line over capture samples [start, start + frames)."""
         end = start + frames
+        if self._pending is not None and self.call is None:
+            self._take_pending()
         if self._ring_input.is_active:
             self._last_ring = end
         hook = self._hook.update(start, frames, self._hook_input.is_active)
@@ -533,6 +536,22 @@ class Line:
             self._emit(EventKind.ERROR, position,
                        message=f"the capture was lost for {lost / self._rate:.1f} s; the "
                        "recording ends where it was lost, the call goes on unrecorded")
+
+    def reconfigure(self, config: LineConfig, disclosures: DisclosureLibrary,
+                    rules: NumberRules) -> None:
+        """New call settings (from another thread): taken on at the first tick without a
+        call, so a call in progress keeps the settings it started with."""
+        self._pending = (config, disclosures, rules)
+
+    def _take_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        config, self._disclosures, self._rules = pending
+        self.config = config
+        ms = self._rate // 1000
+        self._hook.debounce = config.hook_debounce_ms * ms
+        self._hook.onhook_confirm = config.onhook_confirm_ms * ms
+        self._ring_window = round(config.ring_window_s * self._rate)
 
     def shutdown(self, position: int) -> None:
         """The service stops: close an open recording with what was captured."""

@@ -191,11 +191,12 @@ class MqttEventSink:
         logger.info("connected to MQTT broker %s:%d", self._config.host, self._config.port)
         client.publish(self.status_topic, ONLINE, qos=1, retain=True)
         if self._handler is not None:
-            client.subscribe(f"{self._base}/cmd/+", qos=1)
+            client.subscribe([(f"{self._base}/cmd/+", 1), (f"{self._base}/config/set", 1)])
         self._connected.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
-        name = str(message.topic).rsplit("/", 1)[-1]
+        topic = str(message.topic)
+        name = "config/set" if topic == f"{self._base}/config/set" else topic.rsplit("/", 1)[-1]
         self._commands.put((name, bytes(message.payload)))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,

@@ -189,6 +189,16 @@ class Recorder:
         overruns = [f"{name} {count}" for name, count in self.overruns().items() if count]
         return f"{text}; overruns: {', '.join(overruns)}" if overruns else text
 
+    def apply_config(self, config: Config) -> None:
+        """Take on new call settings: each line changes over when it has no call. Device
+        settings (which a caller of this has reported as waiting for a restart) stay."""
+        disclosures = DisclosureLibrary(config, self.config.audio.rate)
+        rules = NumberRules(config.numbers)
+        settings = {line.name: line for line in config.line}
+        for line in self.lines:
+            if line.name in settings:
+                line.reconfigure(settings[line.name], disclosures, rules)
+
     def overruns(self) -> dict[str, int]:
         """Overruns since start-up, per capture device."""
         return {e.capture_name: sum(1 for g in e.capture.gaps if g[2] == "overrun")

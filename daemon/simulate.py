@@ -94,6 +94,7 @@ def run_simulation(
     sinks: list[EventSink],
     *,
     stop: threading.Event | None = None,
+    config_path: Path | None = None,
 ) -> None:
     """Run the hat's scenario to its end through the real daemon code; raises on a
     failure of the simulated line. The hat is closed afterwards."""
@@ -102,7 +103,8 @@ def run_simulation(
     recorder = Recorder(config, hat, events, until=hat.total)
     mqtt = None
     if config.mqtt is not None:
-        mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised)
+        mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised,
+                             config_path=config_path, apply=recorder.apply_config)
         mqtt.start(wait_s=5.0)
     try:
         recorder.start()

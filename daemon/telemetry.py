@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from linerec.daemon import __version__
-from linerec.daemon.commands import CommandHandler
+from linerec.daemon.commands import CommandHandler, Configurator
 from linerec.daemon.config import Config, Secret
 from linerec.daemon.events import iso_ms
 
@@ -251,7 +251,8 @@ class MqttInterface:
     retained topics kept true. The one place that wires the two together."""
 
     def __init__(self, config: Config, events: Any, health: HealthSource,
-                 clock_synchronised: Any = None) -> None:
+                 clock_synchronised: Any = None, *, config_path: Path | None = None,
+                 apply: Any = None) -> None:
         from linerec.daemon.mqtt import MqttEventSink  # paho only where a broker is set
 
         assert config.mqtt is not None
@@ -259,8 +260,15 @@ class MqttInterface:
         self.sink = MqttEventSink(config.mqtt, config.device_id, config.storage)
         self.telemetry = Telemetry(config, self.sink, health,
                                    clock_synchronised=clock_synchronised)
-        self.commands = CommandHandler(config.storage, self.telemetry.status,
-                                       config.numbers.country_code)
+
+        def apply_and_publish(new: Config) -> None:
+            if apply is not None:
+                apply(new)
+            self.sink.publish_retained("config", config_payload(new))
+
+        self.commands = CommandHandler(
+            config.storage, self.telemetry.status, config.numbers.country_code,
+            Configurator(config_path, config, apply_and_publish))
         self.sink.set_command_handler(self.commands.handle)
 
     def start(self, wait_s: float = 0.0) -> None:

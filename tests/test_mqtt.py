@@ -49,7 +49,8 @@ class Broker:
         acl.write_text(f"user {DAEMON[0]}\ntopic readwrite linerec/office/#\n"
                        "topic readwrite homeassistant/#\n\n"
                        f"user {OFFICE[0]}\ntopic read linerec/office/#\n"
-                       "topic write linerec/office/cmd/#\ntopic read homeassistant/#\n")
+                       "topic write linerec/office/cmd/#\ntopic write linerec/office/config/set\n"
+                       "topic read homeassistant/#\n")
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous false",
                  f"password_file {passwords}", f"acl_file {acl}", "persistence true",
                  f"persistence_location {folder}/", "user root"]
@@ -160,6 +161,23 @@ def simulate(tmp_path: Path, config: Path, body: str = CALL, duration: float = 1
                           capture_output=True, text=True, timeout=180, check=False)
 
 
+def realtime_daemon(scenario: Path, config: Path) -> subprocess.Popen[str]:
+    """``linerec simulate --realtime``: a daemon that lives as long as its scenario."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
+         "--scenario", str(scenario), "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_event(daemon: subprocess.Popen[str], kind: str) -> None:
+    """Read the daemon's events (stdout) up to the first ``kind``."""
+    assert daemon.stdout is not None
+    for line in daemon.stdout:
+        if json.loads(line)["event"] == kind:
+            return
+    raise AssertionError(f"no {kind} event")
+
+
 def outbox_lines(tmp_path: Path) -> list[dict[str, Any]]:
     path = tmp_path / "recordings" / OUTBOX_NAME
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -267,10 +285,7 @@ def test_events_survive_a_broker_outage_during_a_call_in_order(tmp_path: Path,
     try:
         body = step(0.5, "ring") + step(2.0, "offhook") + step(14.0, "onhook")
         scenario = write_scenario(tmp_path, body, 40.0)
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
-             "--scenario", str(scenario), "--config", str(config_for(tmp_path, broker))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        daemon = realtime_daemon(scenario, config_for(tmp_path, broker))
         time.sleep(1.5)
         broker.stop()
         time.sleep(30.0)
@@ -293,14 +308,8 @@ def test_events_in_the_outbox_of_a_killed_daemon_arrive_after_its_restart(
     body = step(0.5, "ring") + step(2.0, "offhook") + step(11.0, "onhook")
     scenario = write_scenario(tmp_path, body, 40.0)
     config = config_for(tmp_path, broker)
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
-         "--scenario", str(scenario), "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert daemon.stdout is not None
-    for line in daemon.stdout:
-        if json.loads(line)["event"] == "call_ended":
-            break
+    daemon = realtime_daemon(scenario, config)
+    wait_for_event(daemon, "call_ended")
     time.sleep(0.5)  # the outbox thread writes the last event
     daemon.send_signal(signal.SIGKILL)
     daemon.wait()
@@ -391,10 +400,7 @@ def test_commands_answer_every_request_once_and_change_nothing_when_wrong(
     office = Office(broker, topics=("linerec/office/reply",))
     try:
         scenario = write_scenario(tmp_path, "", 25.0)
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
-             "--scenario", str(scenario), "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        daemon = realtime_daemon(scenario, config)
         requests = [
             ("find", {"request_id": "r1", "args": {"line": "line1"}}),
             ("find", {"request_id": "r2", "args": {"from": "yesterday"}}),
@@ -484,3 +490,80 @@ def test_random_payloads_get_one_reply_each_and_change_nothing(tmp_path: Path) -
     assert {k: v for k, v in after.items() if not k.endswith("audit.jsonl")} == \
         {k: v for k, v in before.items() if not k.endswith("audit.jsonl")}
     assert after[str(storage / "audit.jsonl")] == before[str(storage / "audit.jsonl")]
+
+
+def test_config_set_refuses_bad_changes_naming_the_key_and_changes_nothing(
+        tmp_path: Path) -> None:
+    from linerec.daemon.commands import CommandHandler, Configurator
+    from linerec.daemon.config import load_config
+
+    path = sim_config(tmp_path)
+    running = load_config(path)
+    applied: list[Any] = []
+    handler = CommandHandler(tmp_path, lambda: {}, configurator=Configurator(
+        path, running, applied.append))
+    original = path.read_bytes()
+    line = {"name": "line1", "capture": "tap", "playback": "out", "hook_pin": 17,
+            "ring_pin": 27, "led_pin": 22, "disclosure": "welcome"}
+    for change, key, words in (
+            ({"colour": 1}, "config.colour", "unknown key"),
+            ({"audio": {"bitrate": "fast"}}, "config.audio.bitrate", "whole number"),
+            ({"audio": {"periods": 1}}, "config.audio.periods", "out of range"),
+            ({"disclosure": [{"name": "welcome", "purpose": "service",
+                              "parts": [{"language": "en", "file": "/nope.wav"}]}]},
+             "config.disclosure[0].parts[0].file", "not found"),
+            ({"line": [{**line, "answer_timeout_s": 1}]}, "config.line[0].answer_timeout_s",
+             "out of range"),
+            ({"numbers": {"never_record": "0201234567"}}, "config.numbers.never_record",
+             "list of strings")):
+        reply = handler.handle("config/set", json.dumps(
+            {"request_id": "c1", "args": {"config": change}}).encode())
+        assert not reply["ok"], change
+        assert reply["error"]["key"] == key and words in reply["error"]["problem"], reply
+        assert path.read_bytes() == original and applied == []
+    reply = handler.handle("config/set", b'{"request_id": "c2", "args": {"config": 5}}')
+    assert reply["error"]["key"] == "args.config"
+
+    # A good one: written atomically, applied; device settings wait for a restart.
+    reply = handler.handle("config/set", json.dumps({"request_id": "c3", "args": {"config": {
+        "numbers": {"never_record": ["0201234567"]}, "audio": {"bitrate": 16000}}}}).encode())
+    assert reply["ok"], reply
+    assert reply["result"] == {"applied": ["numbers"], "restart_required": ["audio"]}
+    saved = load_config(path)
+    assert saved.numbers.never_record == ("0201234567",) and saved.audio.bitrate == 16000
+    assert [c.numbers.never_record for c in applied] == [("0201234567",)]
+    assert not list(tmp_path.glob("*.tmp"))
+    reply = handler.handle("reload", b'{"request_id": "c4"}')
+    assert reply["result"] == {"applied": [], "restart_required": ["audio"]}
+
+
+def test_config_set_during_a_call_applies_when_the_line_is_free(tmp_path: Path,
+                                                              broker: Broker) -> None:
+    """The number becomes never-record while its call is recorded: that call keeps its
+    settings to the end; the next call from that number plays nothing and records nothing."""
+    config = config_for(tmp_path, broker)
+    body = (step(0.3, "callerid", number="0201234567") + step(1.0, "ring")
+            + step(6.0, "offhook") + step(20.0, "onhook")
+            + step(21.0, "callerid", number="0201234567") + step(22.0, "ring")
+            + step(27.0, "offhook") + step(31.0, "onhook"))
+    scenario = write_scenario(tmp_path, body, 33.0)
+    office = Office(broker, topics=(EVENT_TOPICS,))
+    try:
+        daemon = realtime_daemon(scenario, config)
+        wait_for_event(daemon, "recording_started")
+        office.client.publish("linerec/office/config/set", json.dumps(
+            {"request_id": "live", "args": {"config": {"numbers": {
+                "never_record": ["0201234567"]}}}}), qos=1)
+        _, err = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0, err
+        time.sleep(0.5)
+    finally:
+        office.close()
+    [reply] = office.on("linerec/office/reply")
+    assert reply["ok"] and reply["result"]["applied"] == ["numbers"], reply
+    ended = [e for e in office.events() if e["event"] == "call_ended"]
+    assert [(e["recorded"], e["rule"]) for e in ended] == [(True, None),
+                                                           (False, "never_record")]
+    assert len(recordings(tmp_path)) == 1
+    [config_payload] = [m for t, m in office.messages if t == "linerec/office/config"][-1:]
+    assert config_payload["numbers"]["never_record"] == ["0201234567"]
