@@ -122,3 +122,14 @@ def load_line_audio(path: Path, rate: int, data: bytes | None = None) -> np.ndar
     """A WAV or Ogg Opus file as mono int16 at the line's sample rate."""
     samples, file_rate = read_audio(path, data)
     return to_int16(resample(samples, file_rate, rate))
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    """Mono 16-bit PCM WAV, written whole under a temporary name, then renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with wave.open(str(tmp), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype("<i2").tobytes())
+    tmp.replace(path)

@@ -184,7 +184,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     mqtt = None
     if config.mqtt is not None:
         mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised,
-                             config_path=args.config, apply=recorder.apply_config)
+                             config_path=args.config, apply=recorder.apply_config,
+                             test_disclosure=recorder.test_disclosure)
         mqtt.start()
     status = 0
     try:

@@ -17,15 +17,20 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from linerec.audio.pcm import AudioFileError
 from linerec.daemon import archive
-from linerec.daemon.config import Config, ConfigError
-from linerec.daemon.reconfigure import changes, patched_config, write_config
+from linerec.daemon.config import NAME_PATTERN, Config, ConfigError
+from linerec.daemon.reconfigure import changes, patched_config, read_config_data, write_config
 
 logger = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_PAYLOAD = 64 * 1024
 MAX_CALL_IDS = 1000
+
+
+TestDisclosure = Callable[[str, str, Path | None], dict[str, Any]]
+"""(line, direction, render to this file or None to play) -> what played or was rendered."""
 
 
 class BadRequest(ValueError):
@@ -69,7 +74,7 @@ class Configurator:
             raise BadRequest(f"config.{exc.key}", exc.problem) from None
         live, _ = changes(self._current, new)
         _, restart = changes(self._running, new)
-        if write:
+        if write and data != read_config_data(self._path):
             write_config(self._path, data)  # an OSError here: nothing written, nothing applied
         self._current = new
         self._apply(new)
@@ -80,10 +85,12 @@ class CommandHandler:
     """Turns one request into its reply; the MQTT side only carries bytes."""
 
     def __init__(self, storage: Path, status: Callable[[], dict[str, Any]],
-                 country_code: str = "31", configurator: Configurator | None = None) -> None:
+                 country_code: str = "31", configurator: Configurator | None = None,
+                 test_disclosure: TestDisclosure | None = None) -> None:
         self._storage = storage
         self._status = status
         self._country_code = country_code
+        self._test_disclosure = test_disclosure
         self._commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "status": self._cmd_status,
             "find": self._cmd_find,
@@ -92,6 +99,8 @@ class CommandHandler:
             "hold": self._cmd_hold,
             "release": self._cmd_release,
         }
+        if test_disclosure is not None:
+            self._commands["test-disclosure"] = self._cmd_test_disclosure
         if configurator is not None:
             self._commands["config/set"] = configurator.set
             self._commands["reload"] = configurator.reload
@@ -126,6 +135,28 @@ class CommandHandler:
     def _cmd_status(self, args: dict[str, Any]) -> Any:
         _only(args, {})
         return self._status()
+
+    def _cmd_test_disclosure(self, args: dict[str, Any]) -> Any:
+        """Play a line's disclosure into it (off-hook, no call), or render it to a file in
+        the storage (``render``: true), for an installer to hear what callers hear."""
+        _only(args, {"line": True, "direction": False, "render": False})
+        line = _text(args, "line")
+        if not NAME_PATTERN.match(line):
+            raise BadRequest("args.line", "not a line name")
+        direction = args.get("direction", "inbound")
+        if direction not in ("inbound", "outbound"):
+            raise BadRequest("args.direction", "inbound or outbound")
+        render = args.get("render", False)
+        if not isinstance(render, bool):
+            raise BadRequest("args.render", "true or false")
+        name = f"test-disclosure-{line}.wav"
+        assert self._test_disclosure is not None
+        try:
+            result = self._test_disclosure(line, direction,
+                                           self._storage / name if render else None)
+        except (ValueError, AudioFileError) as exc:
+            raise BadRequest("args.line", str(exc)) from None
+        return {**result, "played": not render, "file": name if render else None}
 
     def _cmd_find(self, args: dict[str, Any]) -> Any:
         selection = self._selection(args, {})

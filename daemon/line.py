@@ -314,6 +314,8 @@ class Line:
         self.in_fault = False
         self.call: Call | None = None
         self._pending: tuple[LineConfig, DisclosureLibrary, NumberRules] | None = None
+        self._test_audio: np.ndarray | None = None
+        self._test_written = 0
 
     # ---- the tick -------------------------------------------------------------------
 
@@ -536,6 +538,28 @@ class Line:
             self._emit(EventKind.ERROR, position,
                        message=f"the capture was lost for {lost / self._rate:.1f} s; the "
                        "recording ends where it was lost, the call goes on unrecorded")
+
+    def test_disclosure(self, direction: str) -> PreparedDisclosure:
+        """Play this line's disclosure for ``direction`` into the line, as a test (from the
+        commands thread). Only into a line that is off-hook with no call in it: just lifted
+        with nothing dialled yet, or left off-hook after the far end hung up. Raises
+        ValueError saying why not."""
+        if not self._testable():
+            raise ValueError(
+                f"line {self.name} is on-hook: nobody would hear it; lift the handset on this "
+                "line and dial nothing, then ask again (or ask for render)"
+                if self.state in (LineState.IDLE, LineState.RINGING) else
+                f"line {self.name} has a call in progress ({self.state}); try when it is free")
+        prepared = self._disclosures.prepare(self.config.disclosure_for[direction])
+        self._test_written = 0
+        self._test_audio = prepared.audio
+        return prepared
+
+    def _testable(self) -> bool:
+        call = self.call
+        return self.state is LineState.CLEARED or (
+            self.state is LineState.DIALLING and call is not None and not call.dialled
+            and not self._progress.ringback_bursts)
 
     def reconfigure(self, config: LineConfig, disclosures: DisclosureLibrary,
                     rules: NumberRules) -> None:
@@ -928,12 +952,22 @@ class Line:
                 ticket = WriteTicket()
                 call.disclosure_ticket = ticket
                 call.disclosure_last_chunk_end = end
+        elif self._test_audio is not None and self._testable():
+            # An installer's test of the disclosure, into a line with no call: not a notice
+            # that lets anything be recorded.
+            chunk = self._test_audio[self._test_written : self._test_written + frames]
+            self._test_written += frames
+            if self._test_written >= len(self._test_audio):
+                self._test_audio = None
+            if len(chunk) < frames:
+                chunk = np.concatenate([chunk, np.zeros(frames - len(chunk), np.int16)])
         else:
+            self._test_audio = None
             if len(self._silence) != frames:
                 self._silence = np.zeros(frames, np.int16)
             chunk = self._silence
         try:
-            self._output.write(chunk, ticket=ticket, silent=not disclosing)
+            self._output.write(chunk, ticket=ticket, silent=chunk is self._silence)
         except HardwareError as exc:
             if self.state is LineState.DISCLOSING:
                 self._fail_disclosure(f"the line output failed: {exc}", start)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from linerec.audio.pcm import write_wav
 from linerec.audio.ring import SampleRing
 from linerec.daemon.archive import RETENTION_INTERVAL_S, RetentionSweeper
 from linerec.daemon.config import CaptureConfig, Config
@@ -198,6 +199,25 @@ class Recorder:
         for line in self.lines:
             if line.name in settings:
                 line.reconfigure(settings[line.name], disclosures, rules)
+
+    def test_disclosure(self, line_name: str, direction: str,
+                        render_to: Path | None) -> dict[str, Any]:
+        """The ``test-disclosure`` command: play a line's disclosure into the line (see
+        ``Line.test_disclosure``), or render it to a WAV file. Raises ValueError saying why
+        not."""
+        line = next((line for line in self.lines if line.name == line_name), None)
+        if line is None:
+            raise ValueError(f"no line {line_name!r}; lines: "
+                             f"{', '.join(line.name for line in self.lines)}")
+        if render_to is None:
+            prepared = line.test_disclosure(direction)
+        else:
+            library = DisclosureLibrary(self.config, self.config.audio.rate)
+            prepared = library.prepare(line.config.disclosure_for[direction])
+            write_wav(render_to, prepared.audio, self.config.audio.rate)
+        return {"disclosure": prepared.name, "languages": prepared.languages,
+                "duration_s": round(len(prepared.audio) / self.config.audio.rate, 3),
+                "sha256": prepared.sha256}
 
     def overruns(self) -> dict[str, int]:
         """Overruns since start-up, per capture device."""

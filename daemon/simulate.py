@@ -104,7 +104,8 @@ def run_simulation(
     mqtt = None
     if config.mqtt is not None:
         mqtt = MqttInterface(config, events, recorder, hat.clock.synchronised,
-                             config_path=config_path, apply=recorder.apply_config)
+                             config_path=config_path, apply=recorder.apply_config,
+                             test_disclosure=recorder.test_disclosure)
         mqtt.start(wait_s=5.0)
     try:
         recorder.start()

@@ -252,7 +252,7 @@ class MqttInterface:
 
     def __init__(self, config: Config, events: Any, health: HealthSource,
                  clock_synchronised: Any = None, *, config_path: Path | None = None,
-                 apply: Any = None) -> None:
+                 apply: Any = None, test_disclosure: Any = None) -> None:
         from linerec.daemon.mqtt import MqttEventSink  # paho only where a broker is set
 
         assert config.mqtt is not None
@@ -268,7 +268,7 @@ class MqttInterface:
 
         self.commands = CommandHandler(
             config.storage, self.telemetry.status, config.numbers.country_code,
-            Configurator(config_path, config, apply_and_publish))
+            Configurator(config_path, config, apply_and_publish), test_disclosure)
         self.sink.set_command_handler(self.commands.handle)
 
     def start(self, wait_s: float = 0.0) -> None:

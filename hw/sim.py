@@ -23,7 +23,6 @@ import select
 import tempfile
 import threading
 import time
-import wave
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from linerec.audio import g711
+from linerec.audio.pcm import write_wav
 from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig, PlaybackConfig
 from linerec.hw.alsa import AlsaCapture, AlsaPlayback
 from linerec.hw.base import HardwareError, output_latency
@@ -247,9 +247,9 @@ class SimulatedHat:
         """Write what each line carried and what was played into it, for inspection."""
         for feeder in self._feeders:
             for index, line in enumerate(feeder.lines):
-                _write_wav(self.workdir / f"{line.name}.played.wav", self.played(line.name),
+                write_wav(self.workdir / f"{line.name}.played.wav", self.played(line.name),
                            self.rate)
-                _write_wav(self.workdir / f"{line.name}.line.wav",
+                write_wav(self.workdir / f"{line.name}.line.wav",
                            feeder.line_audio[:, index][: feeder.written], self.rate)
 
     # ---- set-up ---------------------------------------------------------------------
@@ -503,11 +503,3 @@ def _file_pcm(name: str, output: Path | str, *, infile: Path | None = None) -> s
     """An alsa-lib file PCM over null: unpaced, reading capture data from ``infile``."""
     source = f' infile "{infile}"' if infile else ""
     return f'pcm.{name} {{ type file slave.pcm "null" file "{output}"{source} format "raw" }}'
-
-
-def _write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
-    with wave.open(str(path), "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.astype("<i2").tobytes())

@@ -13,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -161,11 +163,13 @@ def simulate(tmp_path: Path, config: Path, body: str = CALL, duration: float = 1
                           capture_output=True, text=True, timeout=180, check=False)
 
 
-def realtime_daemon(scenario: Path, config: Path) -> subprocess.Popen[str]:
+def realtime_daemon(scenario: Path, config: Path,
+                    workdir: Path | None = None) -> subprocess.Popen[str]:
     """``linerec simulate --realtime``: a daemon that lives as long as its scenario."""
     return subprocess.Popen(
         [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--realtime",
-         "--scenario", str(scenario), "--config", str(config)],
+         "--scenario", str(scenario), "--config", str(config),
+         *(["--workdir", str(workdir)] if workdir else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -399,8 +403,10 @@ def test_commands_answer_every_request_once_and_change_nothing_when_wrong(
     call_id = receipt_file.stem
     office = Office(broker, topics=("linerec/office/reply",))
     try:
-        scenario = write_scenario(tmp_path, "", 25.0)
-        daemon = realtime_daemon(scenario, config)
+        # line2 is lifted and nothing dialled: a line to test the disclosure on.
+        scenario = write_scenario(tmp_path, step(1.0, "offhook", line="line2")
+                                  + step(24.0, "onhook", line="line2"), 25.0)
+        daemon = realtime_daemon(scenario, config, tmp_path / "work")
         requests = [
             ("find", {"request_id": "r1", "args": {"line": "line1"}}),
             ("find", {"request_id": "r2", "args": {"from": "yesterday"}}),
@@ -412,20 +418,26 @@ def test_commands_answer_every_request_once_and_change_nothing_when_wrong(
             ("status", {"request_id": "r6"}),
             ("launch", {"request_id": "r7"}),
             ("export-list", {"request_id": "r8", "args": {"call_ids": [call_id]}}),
+            ("test-disclosure", {"request_id": "t1", "args": {"line": "line1"}}),
+            ("test-disclosure", {"request_id": "t2", "args": {"line": "line1",
+                                                              "render": True}}),
+            ("test-disclosure", {"request_id": "t3", "args": {"line": "line9"}}),
+            ("test-disclosure", {"request_id": "t4", "args": {"line": "line2"}}),
         ]
         time.sleep(3.0)  # connected and subscribed
         for name, request in requests:
             office.client.publish(f"linerec/office/cmd/{name}", json.dumps(request), qos=1)
         office.client.publish("linerec/office/cmd/find", b"\xff not json", qos=1)
         deadline = time.monotonic() + 15
-        while len(office.on("linerec/office/reply")) < 9 and time.monotonic() < deadline:
+        while len(office.on("linerec/office/reply")) < 13 and time.monotonic() < deadline:
             time.sleep(0.1)
+        time.sleep(8.0)  # the test disclosure plays out into line2
         daemon.terminate()
         daemon.wait(timeout=30)
     finally:
         office.close()
     replies = {r["request_id"]: r for r in office.on("linerec/office/reply")}
-    assert len(office.on("linerec/office/reply")) == 9
+    assert len(office.on("linerec/office/reply")) == 13
     schema = json.loads((Path(__file__).resolve().parent.parent / "docs" / "mqtt"
                          / "reply.schema.json").read_text())
     for reply in replies.values():
@@ -442,19 +454,39 @@ def test_commands_answer_every_request_once_and_change_nothing_when_wrong(
     assert replies["r8"]["result"][0]["recording_sha256"]
     assert replies[None]["error"]["key"] == "(payload)"
     assert receipt_file.is_file()  # held: the delete changed nothing
+    # test-disclosure: refused on an on-hook line, rendered to a file, played into a line
+    # that is off-hook with nothing dialled.
+    assert "on-hook" in replies["t1"]["error"]["problem"]
+    rendered = tmp_path / "recordings" / replies["t2"]["result"]["file"]
+    assert replies["t2"]["result"]["duration_s"] == pytest.approx(6.55, abs=0.05)
+    with wave.open(str(rendered)) as wav:
+        assert wav.getnframes() / 8000 == pytest.approx(replies["t2"]["result"]["duration_s"],
+                                                        abs=0.001)
+    assert "no line 'line9'" in replies["t3"]["error"]["problem"]
+    assert replies["t4"]["ok"] and replies["t4"]["result"]["played"] is True
+    played = (tmp_path / "work" / "line2.played.wav")
+    with wave.open(str(played)) as wav:
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+    sounding = np.flatnonzero(samples)
+    assert (sounding[-1] - sounding[0]) / 8000 == pytest.approx(6.5, abs=0.3)
 
 
 def test_random_payloads_get_one_reply_each_and_change_nothing(tmp_path: Path) -> None:
-    """Property-based: whatever arrives on a command topic is answered, never crashes the
-    handler, and leaves the storage as it was."""
+    """Property-based: whatever arrives on a command topic or config/set is answered, never
+    crashes the handler, and leaves the storage and the config file as they were."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from linerec.daemon.commands import CommandHandler
+    from linerec.daemon.commands import CommandHandler, Configurator
+    from linerec.daemon.config import load_config
 
-    assert simulate(tmp_path, sim_config(tmp_path)).returncode == 0
+    config = sim_config(tmp_path)
+    assert simulate(tmp_path, config).returncode == 0
     storage = tmp_path / "recordings"
-    handler = CommandHandler(storage, lambda: {"lines": {}})
+    handler = CommandHandler(storage, lambda: {"lines": {}},
+                             configurator=Configurator(config, load_config(config),
+                                                       lambda new: None))
+    config_text = config.read_bytes()
 
     def snapshot() -> dict[str, bytes]:
         return {str(p): p.read_bytes() for p in sorted(storage.rglob("*")) if p.is_file()}
@@ -469,7 +501,8 @@ def test_random_payloads_get_one_reply_each_and_change_nothing(tmp_path: Path) -
     requests = st.fixed_dictionaries(
         {"request_id": st.text(max_size=70) | st.sampled_from(["r1", "ok-id"])},
         optional={"args": st.dictionaries(
-            st.sampled_from(["call_ids", "reason", "number", "from", "to", "line", "x"]),
+            st.sampled_from(["call_ids", "reason", "number", "from", "to", "line", "config",
+                             "x"]),
             json_values, max_size=4), "junk": json_values})
     payloads = st.binary(max_size=200) | requests.map(lambda r: json.dumps(r).encode())
     names = st.sampled_from([*handler.names, "reload", "", "../x"])
@@ -485,11 +518,8 @@ def test_random_payloads_get_one_reply_each_and_change_nothing(tmp_path: Path) -
             assert reply["error"]["key"] and reply["error"]["problem"]
 
     answered()
-    after = snapshot()
-    # The audit log may have gained hold/release lines for nothing: compare the rest.
-    assert {k: v for k, v in after.items() if not k.endswith("audit.jsonl")} == \
-        {k: v for k, v in before.items() if not k.endswith("audit.jsonl")}
-    assert after[str(storage / "audit.jsonl")] == before[str(storage / "audit.jsonl")]
+    assert snapshot() == before
+    assert config.read_bytes() == config_text
 
 
 def test_config_set_refuses_bad_changes_naming_the_key_and_changes_nothing(
