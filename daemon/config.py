@@ -246,6 +246,9 @@ class MqttConfig:
     """Client certificate (PEM), for a broker that asks for one; needs key_file."""
     key_file: Path | None = None
     """Private key (PEM) of cert_file."""
+    protocol: str = field(default="3.1.1", metadata={"choices": ("3.1.1", "5")})
+    """MQTT version: 5 where the broker speaks it (replies then carry the request's
+    correlation data and go to its response topic)."""
     discovery: bool = True
     """Publish Home Assistant MQTT discovery for the lines and the appliance's health."""
     discovery_prefix: str = "homeassistant"

@@ -14,6 +14,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from linerec.daemon.config import MqttConfig
 from linerec.daemon.outbox import Outbox, OutboxEntry
@@ -21,6 +23,14 @@ from linerec.daemon.outbox import Outbox, OutboxEntry
 logger = logging.getLogger(__name__)
 
 ONLINE, OFFLINE = "online", "offline"
+SESSION_EXPIRY_S = 7 * 24 * 3600
+"""MQTT 5: how long the broker keeps the session (and QoS 1 messages) while linerec is away."""
+
+
+def _plain_topic(topic: str) -> bool:
+    """A response topic to publish to: no wildcards, not empty, not too long."""
+    return 0 < len(topic) <= 512 and "+" not in topic and "#" not in topic \
+        and "\0" not in topic
 
 
 class MqttEventSink:
@@ -40,9 +50,16 @@ class MqttEventSink:
         self._base = f"{config.topic_prefix}/{device_id}"
         self._storage = storage
         self._connected = threading.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"linerec-{device_id}", clean_session=False
-        )
+        self._v5 = config.protocol == "5"
+        if self._v5:
+            # MQTT 5 has no clean session flag: a session that outlives the connection.
+            self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                                       client_id=f"linerec-{device_id}",
+                                       protocol=mqtt.MQTTv5)
+        else:
+            self._client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=f"linerec-{device_id}",
+                clean_session=False)
         if config.username:
             self._client.username_pw_set(config.username, config.password or None)
         if config.ca_file is not None:
@@ -64,7 +81,7 @@ class MqttEventSink:
         """paho message id -> outbox seq, for the PUBACKs to come."""
         self._outbox: Outbox | None = None
         self._thread = threading.Thread(target=self._run, name="mqtt-outbox", daemon=True)
-        self._commands: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._commands: queue.Queue[tuple[str, bytes, Any] | None] = queue.Queue()
         self._handler: Callable[[str, bytes], dict[str, Any]] | None = None
         self._command_thread = threading.Thread(target=self._answer, name="mqtt-commands",
                                                 daemon=True)
@@ -92,8 +109,15 @@ class MqttEventSink:
         self._thread.start()
         if self._handler is not None:
             self._command_thread.start()
-        self._client.connect_async(self._config.host, self._config.port,
-                                   keepalive=self._config.keepalive_s)
+        if self._v5:
+            session = Properties(PacketTypes.CONNECT)
+            session.SessionExpiryInterval = SESSION_EXPIRY_S
+            self._client.connect_async(self._config.host, self._config.port,
+                                       keepalive=self._config.keepalive_s, clean_start=False,
+                                       properties=session)
+        else:
+            self._client.connect_async(self._config.host, self._config.port,
+                                       keepalive=self._config.keepalive_s)
         self._client.loop_start()
         if wait_s and not self._connected.wait(wait_s):
             logger.warning("MQTT broker %s:%d not reachable yet; events wait in the outbox",
@@ -167,14 +191,24 @@ class MqttEventSink:
         up paho's network thread or the events."""
         assert self._handler is not None
         while (request := self._commands.get()) is not None:
-            name, payload = request
+            name, payload, properties = request
             try:
                 reply = self._handler(name, payload)
             except Exception as exc:  # a bug must still answer, and not stop the thread
                 logger.exception("command %s failed", name)
                 reply = {"request_id": None, "command": name, "ok": False,
                          "error": {"key": "(internal)", "problem": str(exc)}}
-            self._client.publish(f"{self._base}/reply", json.dumps(reply), qos=1)
+            topic, reply_properties = f"{self._base}/reply", None
+            correlation = getattr(properties, "CorrelationData", None)
+            response_topic = getattr(properties, "ResponseTopic", None)
+            if correlation is not None or response_topic:
+                # MQTT 5: the reply goes where the request asked, with its correlation data.
+                reply_properties = Properties(PacketTypes.PUBLISH)
+                if correlation is not None:
+                    reply_properties.CorrelationData = correlation
+                if response_topic and _plain_topic(response_topic):
+                    topic = response_topic
+            self._client.publish(topic, json.dumps(reply), qos=1, properties=reply_properties)
 
     def _send(self, entry: OutboxEntry) -> None:
         info = self._client.publish(entry.topic, entry.payload, qos=1)
@@ -197,7 +231,7 @@ class MqttEventSink:
     def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
         topic = str(message.topic)
         name = "config/set" if topic == f"{self._base}/config/set" else topic.rsplit("/", 1)[-1]
-        self._commands.put((name, bytes(message.payload)))
+        self._commands.put((name, bytes(message.payload), getattr(message, "properties", None)))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:

@@ -597,3 +597,52 @@ def test_config_set_during_a_call_applies_when_the_line_is_free(tmp_path: Path,
     assert len(recordings(tmp_path)) == 1
     [config_payload] = [m for t, m in office.messages if t == "linerec/office/config"][-1:]
     assert config_payload["numbers"]["never_record"] == ["0201234567"]
+
+
+def test_mqtt_5_events_and_replies_with_correlation_data(tmp_path: Path,
+                                                         broker: Broker) -> None:
+    """With protocol 5 the events flow as before, and a reply goes to the request's response
+    topic with its correlation data."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    config = config_for(tmp_path, broker)
+    config.write_text(config.read_text() + 'protocol = "5"\n')
+    office = Office(broker)
+    try:
+        assert simulate(tmp_path, config).returncode == 0
+        events = office.wait_for(7)
+    finally:
+        office.close()
+    assert [e["event"] for e in events] == RINGING_CALL
+
+    replies: list[tuple[str, Any, Any]] = []
+    subscribed = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="crm-v5",
+                         protocol=mqtt.MQTTv5)
+    client.username_pw_set(*OFFICE)
+    client.on_connect = lambda c, *a: c.subscribe("linerec/office/answers/crm", qos=1)
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_message = lambda c, u, m: replies.append(
+        (m.topic, json.loads(m.payload), getattr(m.properties, "CorrelationData", None)))
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        assert subscribed.wait(10)
+        daemon = realtime_daemon(write_scenario(tmp_path, "", 8.0), config)
+        time.sleep(3.0)
+        request = Properties(PacketTypes.PUBLISH)
+        request.CorrelationData = b"crm-0042"
+        request.ResponseTopic = "linerec/office/answers/crm"
+        client.publish("linerec/office/cmd/status", json.dumps({"request_id": "s1"}), qos=1,
+                       properties=request)
+        deadline = time.monotonic() + 10
+        while not replies and time.monotonic() < deadline:
+            time.sleep(0.1)
+        daemon.communicate(timeout=30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    [(topic, reply, correlation)] = replies
+    assert topic == "linerec/office/answers/crm" and correlation == b"crm-0042"
+    assert reply["request_id"] == "s1" and reply["ok"]
