@@ -295,6 +295,86 @@ class Config:
         return next(p for p in self.purpose if p.name == name)
 
 
+def json_schema(cls: type | None = None, *, title: str | None = None) -> dict[str, Any]:
+    """The config as a JSON Schema, from the same dataclasses the loader checks against:
+    what the retained MQTT ``config`` topic carries (secrets as null) and, with every key
+    optional, what ``config/set`` merges in."""
+    cls = cls or Config
+    hints = get_type_hints(cls)
+    properties: dict[str, Any] = {}
+    required = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        properties[f.name] = _schema_of(hints[f.name], f)
+        doc = _field_docs(cls).get(f.name)
+        if doc:
+            properties[f.name]["description"] = doc
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+    schema: dict[str, Any] = {"type": "object", "properties": properties,
+                              "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    if title:
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": title,
+                  **schema}
+    return schema
+
+
+def _schema_of(hint: Any, f: dataclasses.Field[Any]) -> dict[str, Any]:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        optional = _schema_of(inner[0], f)
+        kind = optional.get("type")
+        if isinstance(kind, str):
+            optional["type"] = [kind, "null"]
+        return optional
+    if origin is tuple:
+        item = get_args(hint)[0]
+        items = {"type": "string"} if item is str else json_schema(item)
+        return {"type": "array", "items": items}
+    if dataclasses.is_dataclass(hint):
+        return json_schema(hint)  # type: ignore[arg-type]
+    schema: dict[str, Any] = {}
+    if hint is bool:
+        schema["type"] = "boolean"
+    elif hint is int:
+        schema["type"] = "integer"
+    elif hint is float:
+        schema["type"] = "number"
+    elif hint is Secret:
+        schema["type"] = ["string", "null"]
+    else:  # str, Path
+        schema["type"] = "string"
+    lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+    if choices is not None:
+        schema["enum"] = list(choices)
+    if lo is not None:
+        schema["minimum"] = lo
+    if hi is not None:
+        schema["maximum"] = hi
+    return schema
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings under the fields, from the source."""
+    import ast
+    import inspect
+    from itertools import pairwise
+
+    docs = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, after in pairwise(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
+                and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
 def load_config(path: Path) -> Config:
     """Read and check a config file; raises ConfigError naming the file and key."""
     source = str(path)

@@ -25,6 +25,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from simhelpers import RECORDED_CALL, free_port, recordings, sim_config, step, write_scenario
 
+from linerec.daemon.config import json_schema
 from linerec.daemon.outbox import ACKED_NAME, OUTBOX_NAME, Outbox
 
 RINGING_CALL = ["ringing", *RECORDED_CALL]
@@ -363,6 +364,11 @@ def test_retained_state_last_call_health_config_and_discovery(tmp_path: Path,
     assert health["disclosure_failures"] == {"line1": 0, "line2": 0}
     assert health["overruns"] == {"tap": 0} and health["lines_in_fault"] == []
     [config] = office.on("linerec/office/config")
+    schema_file = Path(__file__).resolve().parent.parent / "docs" / "mqtt" / "config.schema.json"
+    schema = json.loads(schema_file.read_text())
+    # The documented schema is the loader's own (regenerate it when the config changes).
+    assert schema == json_schema(title=schema["title"])
+    jsonschema.Draft202012Validator(schema).validate(config)
     assert config["mqtt"]["username"] == DAEMON[0] and config["mqtt"]["password"] is None
     assert DAEMON[1] not in json.dumps(office.messages)
     assert [line["name"] for line in config["line"]] == ["line1", "line2"]
@@ -646,3 +652,63 @@ def test_mqtt_5_events_and_replies_with_correlation_data(tmp_path: Path,
     [(topic, reply, correlation)] = replies
     assert topic == "linerec/office/answers/crm" and correlation == b"crm-0042"
     assert reply["request_id"] == "s1" and reply["ok"]
+
+
+def test_random_payloads_on_every_inbound_topic_of_a_running_daemon(tmp_path: Path,
+                                                                    broker: Broker) -> None:
+    """Property-based, end to end: random payloads on every command topic and config/set
+    each get exactly one reply from the running daemon, which goes on answering, and leave
+    the recordings, receipts, audit log and config file as they were."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    config = config_for(tmp_path, broker)
+    assert simulate(tmp_path, config).returncode == 0
+    storage = tmp_path / "recordings"
+
+    def snapshot() -> dict[str, bytes]:
+        # The daemon's own MQTT files and a rendered test disclosure may change by design.
+        return {str(p): p.read_bytes() for p in sorted(storage.rglob("*")) if p.is_file()
+                and not p.name.startswith(("mqtt-", "test-disclosure-"))}
+
+    before, config_text = snapshot(), config.read_bytes()
+    office = Office(broker, topics=("linerec/office/reply",))
+    daemon = realtime_daemon(write_scenario(tmp_path, "", 120.0), config)
+    try:
+        time.sleep(3.0)
+        values = st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                st.sampled_from(["line", "render", "direction", "call_ids", "reason",
+                                 "config", "numbers", "audio", "bitrate", "x"]),
+                inner, max_size=3), max_leaves=8)
+        requests = st.fixed_dictionaries({"request_id": st.sampled_from(["p1", "p2", "bad id"])},
+                                         optional={"args": values})
+        payloads = st.binary(max_size=100) | requests.map(lambda r: json.dumps(r).encode())
+        topics = st.sampled_from([*(f"cmd/{name}" for name in (
+            "status", "find", "export-list", "delete", "hold", "release", "test-disclosure",
+            "reload", "nope")), "config/set"])
+
+        @settings(max_examples=120, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture])
+        @given(topics, payloads)
+        def answered(topic: str, payload: bytes) -> None:
+            count = len(office.on("linerec/office/reply"))
+            office.client.publish(f"linerec/office/{topic}", payload, qos=1)
+            deadline = time.monotonic() + 10
+            while len(office.on("linerec/office/reply")) == count \
+                    and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(0.02)  # a second reply, were there one, would be here by now
+            replies = office.on("linerec/office/reply")[count:]
+            assert len(replies) == 1, (topic, payload, replies)
+            assert isinstance(replies[0]["ok"], bool)
+
+        answered()
+        assert daemon.poll() is None  # still running
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=30)
+        office.close()
+    assert snapshot() == before
+    assert config.read_bytes() == config_text
