@@ -26,6 +26,9 @@ from linerec.hw.scenario import ScenarioError, load_scenario
 logger = logging.getLogger("linerec.cli")
 
 EXIT_CONFIG = 2
+EXIT_RESTART = 3
+"""Device settings changed over MQTT and every line is free: systemd (Restart=on-failure)
+starts linerec again with them."""
 """Exit status for a bad config or scenario: systemd's RestartPreventExitStatus uses it."""
 
 
@@ -198,6 +201,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 logger.error("a capture device stopped; exiting so that systemd restarts us")
                 status = 1
                 break
+            if mqtt is not None and mqtt.restart_pending and recorder.free():
+                logger.warning("device settings changed over MQTT and no line has a call: "
+                               "exiting so that systemd starts linerec with them")
+                status = EXIT_RESTART
+                break
             if recorder.summary() != summary:
                 summary = recorder.summary()
                 notifier.status(summary)
@@ -226,7 +234,7 @@ def _simulation_config(args: argparse.Namespace) -> Config:
 
 def _simulate(args: argparse.Namespace, scenario_path: Path,
               sinks: Callable[[Config], list[EventSink]]) -> int:
-    from linerec.daemon.simulate import RecordingCollector, run_simulation
+    from linerec.daemon.simulate import RecordingCollector, RestartToApply, run_simulation
     from linerec.hw.sim import SimulatedHat
 
     try:
@@ -252,6 +260,11 @@ def _simulate(args: argparse.Namespace, scenario_path: Path,
     except (HardwareError, StorageError) as exc:
         print(f"linerec: simulation failed: {exc}", file=sys.stderr)
         return 1
+    except RestartToApply:
+        print("linerec: device settings changed over MQTT and no line has a call: stopping "
+              f"with status {EXIT_RESTART} so that linerec starts again with them",
+              file=sys.stderr)
+        return EXIT_RESTART
     args.recordings = collector.recordings
     return 0
 

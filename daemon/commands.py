@@ -51,6 +51,8 @@ class Configurator:
         """What the devices were opened with: changes to them wait for a restart."""
         self._current = running
         self._apply = apply
+        self.restart_pending = False
+        """A saved change waits for a restart: the daemon restarts once every line is free."""
 
     def set(self, args: dict[str, Any]) -> Any:
         _only(args, {"config": True})
@@ -78,6 +80,7 @@ class Configurator:
             write_config(self._path, data)  # an OSError here: nothing written, nothing applied
         self._current = new
         self._apply(new)
+        self.restart_pending = bool(restart)
         return {"applied": live, "restart_required": restart}
 
 

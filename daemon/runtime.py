@@ -219,6 +219,10 @@ class Recorder:
                 "duration_s": round(len(prepared.audio) / self.config.audio.rate, 3),
                 "sha256": prepared.sha256}
 
+    def free(self) -> bool:
+        """No line has a call: a restart now drops nothing."""
+        return all(line.call is None for line in self.lines)
+
     def overruns(self) -> dict[str, int]:
         """Overruns since start-up, per capture device."""
         return {e.capture_name: sum(1 for g in e.capture.gaps if g[2] == "overrun")

@@ -89,6 +89,10 @@ class DemoPrinter:
         self._stream.flush()
 
 
+class RestartToApply(Exception):
+    """Device settings changed over MQTT; every line is free: restart to apply them."""
+
+
 def run_simulation(
     hat: SimulatedHat,
     sinks: list[EventSink],
@@ -114,6 +118,8 @@ def run_simulation(
             while not recorder.wait(timeout=0.2):
                 if hat.failure() is not None or (stop is not None and stop.is_set()):
                     break
+                if mqtt is not None and mqtt.restart_pending and recorder.free():
+                    raise RestartToApply()
         finally:
             recorder.stop()
         if hat.keep_files:

@@ -266,10 +266,16 @@ class MqttInterface:
                 apply(new)
             self.sink.publish_retained("config", config_payload(new))
 
+        self.configurator = Configurator(config_path, config, apply_and_publish)
         self.commands = CommandHandler(
             config.storage, self.telemetry.status, config.numbers.country_code,
-            Configurator(config_path, config, apply_and_publish), test_disclosure)
+            self.configurator, test_disclosure)
         self.sink.set_command_handler(self.commands.handle)
+
+    @property
+    def restart_pending(self) -> bool:
+        """Device settings changed over MQTT wait for a restart of the daemon."""
+        return self.configurator.restart_pending
 
     def start(self, wait_s: float = 0.0) -> None:
         self.sink.start(wait_s)

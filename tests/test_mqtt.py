@@ -712,3 +712,33 @@ def test_random_payloads_on_every_inbound_topic_of_a_running_daemon(tmp_path: Pa
         office.close()
     assert snapshot() == before
     assert config.read_bytes() == config_text
+
+
+def test_device_settings_set_over_mqtt_restart_the_daemon_once_no_line_has_a_call(
+        tmp_path: Path, broker: Broker) -> None:
+    """A new bitrate cannot change under a running encoder: saved, and once the call in
+    progress has ended linerec stops with status 3 for systemd to start it with it."""
+    config = config_for(tmp_path, broker)
+    body = step(0.5, "ring") + step(2.0, "offhook") + step(14.0, "onhook")
+    office = Office(broker, topics=("linerec/office/reply",))
+    try:
+        started = time.monotonic()
+        daemon = realtime_daemon(write_scenario(tmp_path, body, 60.0), config)
+        wait_for_event(daemon, "recording_started")
+        office.client.publish("linerec/office/config/set", json.dumps(
+            {"request_id": "b1", "args": {"config": {"audio": {"bitrate": 16000}}}}), qos=1)
+        _, err = daemon.communicate(timeout=60)
+        ran_for = time.monotonic() - started
+    finally:
+        office.close()
+    assert daemon.returncode == 3, err
+    assert "starts again" in err
+    [reply] = office.on("linerec/office/reply")
+    assert reply["result"] == {"applied": [], "restart_required": ["audio"]}
+    assert "bitrate = 16000" in config.read_text()
+    # The call was not dropped: it ended on-hook, recorded whole.
+    [receipt] = [json.loads(p.read_text()) for p in
+                 (tmp_path / "recordings").glob("*/*/*/*.json")]
+    assert receipt["end_reason"] == "onhook" and receipt["recording"]["status"] == "complete"
+    # It stopped by itself once the call had ended (14 s), long before its scenario's 60 s.
+    assert 14.0 < ran_for < 30.0
