@@ -20,7 +20,7 @@ from typing import Any
 from linerec.audio.pcm import AudioFileError
 from linerec.daemon import archive
 from linerec.daemon.config import NAME_PATTERN, Config, ConfigError
-from linerec.daemon.reconfigure import changes, patched_config, read_config_data, write_config
+from linerec.daemon.reconfigure import changes, patched_config, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,12 @@ class Configurator:
             raise BadRequest("(config)", "this daemon runs on a built-in config: there is no "
                              "config file to change")
         try:
-            new, data = patched_config(self._path, patch)
+            new, data, before = patched_config(self._path, patch)
         except ConfigError as exc:
             raise BadRequest(f"config.{exc.key}", exc.problem) from None
         live, _ = changes(self._current, new)
         _, restart = changes(self._running, new)
-        if write and data != read_config_data(self._path):
+        if write and data != before:
             write_config(self._path, data)  # an OSError here: nothing written, nothing applied
         self._current = new
         self._apply(new)

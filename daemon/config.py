@@ -550,8 +550,10 @@ def _check_references(config: Config) -> None:
                  f"playback {player.name!r} already serves lines on capture "
                  f"{playback_tap[player.name]!r}; lines sharing a playback device must be on "
                  "the same capture device")
-        for pin_key in ("hook_pin", "ring_pin", "led_pin"):
+        for pin_key in ("hook_pin", "ring_pin", "led_pin", "polarity_pin"):
             pin = getattr(line, pin_key)
+            if pin is None:  # a HAT without a polarity input
+                continue
             if pin in pins:
                 fail(f"{where}.{pin_key}", f"GPIO {pin} is already used as {pins[pin]}")
             pins[pin] = f"{line.name}.{pin_key}"
@@ -573,11 +575,6 @@ def _check_references(config: Config) -> None:
             if name and name not in disclosures:
                 fail(f"{where}.{key}", f"no [[disclosure]] is named {name!r}; named: "
                      f"{', '.join(disclosures) or 'none'}")
-        if line.polarity_pin is not None:
-            if line.polarity_pin in pins:
-                fail(f"{where}.polarity_pin",
-                     f"GPIO {line.polarity_pin} is already used as {pins[line.polarity_pin]}")
-            pins[line.polarity_pin] = f"{line.name}.polarity_pin"
 
 
 def _check_mqtt(mqtt: MqttConfig, fail: Callable[[str, str], None]) -> None:

@@ -239,10 +239,6 @@ class Call:
         """Has the whole disclosure left the line before capture position ``end``?"""
         return self.disclosure_line_end is not None and end >= self.disclosure_line_end
 
-    @property
-    def playing(self) -> np.ndarray | None:
-        return self.disclosure.audio if self.disclosure is not None else None
-
 
 class Line:
     """A line's call state machine, driven by ``tick`` once per capture period."""

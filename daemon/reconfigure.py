@@ -48,11 +48,13 @@ def read_config_data(path: Path) -> dict[str, Any]:
         raise ConfigError(str(path), "(file)", f"cannot be read: {exc}") from exc
 
 
-def patched_config(path: Path, patch: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
+def patched_config(path: Path, patch: dict[str, Any]
+                   ) -> tuple[Config, dict[str, Any], dict[str, Any]]:
     """The config file with ``patch`` merged in, checked; raises ConfigError naming the key.
-    Nothing is written."""
-    data = merge_patch(read_config_data(path), patch)
-    return config_from_dict(data, source=str(path), base=path.parent), data
+    Nothing is written. Returns the config, its data and the file's data before."""
+    before = read_config_data(path)
+    data = merge_patch(before, patch)
+    return config_from_dict(data, source=str(path), base=path.parent), data, before
 
 
 def write_config(path: Path, data: dict[str, Any]) -> None:

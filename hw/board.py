@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from datetime import UTC, datetime, timedelta
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig, PlaybackConfig
@@ -26,11 +27,17 @@ class _Timex(ctypes.Structure):
                 ("reserved", ctypes.c_long * 32)]
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    # Found once: find_library runs ldconfig, and receipts ask at every call.
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 def system_clock_synchronised() -> bool | None:
     """Is the system clock synchronised, as the kernel tells NTP daemons (adjtimex with
     no changes: no privileges needed)? None where that cannot be asked."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = _libc()
         timex = _Timex()
         state = libc.adjtimex(ctypes.byref(timex))
     except (OSError, AttributeError):
