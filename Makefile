@@ -47,3 +47,19 @@ typecheck: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info linerec-sim .pytest_cache .mypy_cache .ruff_cache
+
+# The Debian package and the appliance image (docs/INSTALL.md, image/README.md).
+.PHONY: package check-package lint-shell
+
+# The Debian package for this machine's architecture, in dist/.
+package:
+	scripts/build-deb
+
+# Builds the package, lints it, installs it into a fresh Debian 12 root (debootstrap,
+# cached in /var/cache/linerec-ci) and checks it there with the image stage's units. Root.
+check-package:
+	scripts/check-package
+
+# ShellCheck on every shell script: scripts/, packaging/, image/ and .ci/run.
+lint-shell:
+	scripts/lint-shell

@@ -483,13 +483,20 @@ class RetentionSweeper(threading.Thread):
         self.storage = storage
         self.events = events
         self.interval_s = interval_s
+        self.sweeps = 0
         self._stop_requested = threading.Event()
+        self._wake = threading.Event()
 
     def run(self) -> None:
         while not self._stop_requested.is_set():
+            self._wake.clear()
             self.sweep_once()
-            if self._stop_requested.wait(self.interval_s):
-                break
+            self.sweeps += 1
+            self._wake.wait(self.interval_s)
+
+    def sweep_now(self) -> None:
+        """Sweep at once (the storage guard, when space runs low), not at the next turn."""
+        self._wake.set()
 
     def sweep_once(self) -> list[str]:
         try:
@@ -505,6 +512,7 @@ class RetentionSweeper(threading.Thread):
 
     def stop(self) -> None:
         self._stop_requested.set()
+        self._wake.set()
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from linerec.daemon import __version__, archive
 from linerec.daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from linerec.daemon.events import EventBus, EventSink, JsonLinesSink, LogSink
 from linerec.daemon.runtime import Recorder, StorageError
+from linerec.daemon.service import Outcome, StartupChecks, serve
 from linerec.daemon.supervisor import ServiceNotifier, configure_logging
 from linerec.hw.base import HardwareError
 from linerec.hw.scenario import ScenarioError, load_scenario
@@ -56,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="check a config file; exit 0 or 2")
     check.add_argument("path", type=Path, nargs="?", default=DEFAULT_CONFIG_PATH)
     check.set_defaults(handler=cmd_check_config)
+
+    doctor = sub.add_parser("doctor", help="check config, devices, pins, disclosures, storage, "
+                            "clock, broker and the service user's rights; say how to fix what "
+                            "fails; exit 0 only when all pass")
+    doctor.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, metavar="FILE",
+                        help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    doctor.add_argument("--user", metavar="NAME", help="the user the service runs as "
+                        "(default: linerec when run as root, else this user's own rights)")
+    doctor.add_argument("--json", action="store_true", help="one JSON array instead of lines")
+    doctor.set_defaults(handler=cmd_doctor)
 
     sim = sub.add_parser("simulate", help="run the daemon on the simulated HAT")
     sim.add_argument("--scenario", type=Path, required=True, help="scenario file (TOML)")
@@ -157,6 +168,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from linerec.daemon.doctor import Options, diagnose, report
+    from linerec.hw.board import PiHat
+
+    checks = diagnose(args.config, lambda config: PiHat(config.audio.rate),
+                      Options(user=args.user))
+    if args.json:
+        print(json.dumps([check.as_dict() for check in checks], indent=2))
+    else:
+        print(report(checks))
+    return 0 if all(check.ok for check in checks) else 1
+
+
 def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
 
@@ -166,7 +190,11 @@ def _stop_on_signals() -> threading.Event:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    # `systemctl kill -s USR1 linerec`: every thread's stack to stderr, which systemd puts
+    # in the journal, and the daemon runs on. The same for a crash, or the watchdog's
+    # SIGABRT.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.enable(all_threads=True)
     return stop
 
 
@@ -190,35 +218,27 @@ def cmd_run(args: argparse.Namespace) -> int:
                              config_path=args.config, apply=recorder.apply_config,
                              test_disclosure=recorder.test_disclosure)
         mqtt.start()
-    status = 0
     try:
-        recorder.start()
-        summary = recorder.summary()
-        notifier.ready(summary)
-        logger.info("ready: %s", summary)
-        while not stop.wait(1.0):
-            if recorder.any_engine_done():
-                logger.error("a capture device stopped; exiting so that systemd restarts us")
-                status = 1
-                break
-            if mqtt is not None and mqtt.restart_pending and recorder.free():
-                logger.warning("device settings changed over MQTT and no line has a call: "
-                               "exiting so that systemd starts linerec with them")
-                status = EXIT_RESTART
-                break
-            if recorder.summary() != summary:
-                summary = recorder.summary()
-                notifier.status(summary)
+        outcome = serve(recorder, notifier, stop, finished=recorder.any_engine_done,
+                        restart_pending=lambda: mqtt is not None and mqtt.restart_pending,
+                        on_ready=lambda: logger.info("GPIO through gpiozero's %s",
+                                                     hat.gpio_backend()),
+                        checks=StartupChecks(recorder))
     except (HardwareError, StorageError) as exc:
         logger.error("%s", exc)
-        status = 1
+        return 1
     finally:
-        notifier.stopping()
-        recorder.stop()
         hat.close()
         if mqtt is not None:
             mqtt.stop()
-    return status
+    if outcome is Outcome.FINISHED:
+        logger.error("a capture device stopped; exiting so that systemd restarts linerec")
+        return 1
+    if outcome is Outcome.RESTART:
+        logger.warning("device settings changed over MQTT and no line has a call: exiting "
+                       "so that systemd starts linerec with them")
+        return EXIT_RESTART
+    return 0
 
 
 def _simulation_config(args: argparse.Namespace) -> Config:

@@ -256,6 +256,18 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class StorageGuardConfig:
+    low_mb: int = field(default=1024, metadata=_range(0, 10_000_000))
+    """Free space on the storage below which retention runs at once and a ``storage_low``
+    alarm goes out (megabytes)."""
+    floor_mb: int = field(default=256, metadata=_range(0, 10_000_000))
+    """Free space below which new calls are not recorded (``storage_full``; the LEDs blink)
+    so that the calls already recording can finish (megabytes)."""
+    check_interval_s: float = field(default=10.0, metadata=_range(1.0, 600.0))
+    """How often free space is measured (seconds)."""
+
+
+@dataclass(frozen=True)
 class Config:
     storage: Path
     """Folder where recordings and receipts are written."""
@@ -277,6 +289,13 @@ class Config:
     """Audio format and encoder settings shared by every line."""
     mqtt: MqttConfig | None = None
     """Broker settings; without them the daemon runs and only logs its events."""
+    storage_guard: StorageGuardConfig = StorageGuardConfig()
+    """Free-space thresholds of the storage."""
+    hat: str = ""
+    """HAT profile that supplies the devices and each line's pins (generic-2line,
+    generic-4line, or a profile file's path); keys set in the config override it."""
+    service_led_pin: int | None = field(default=None, metadata=_range(0, 53))
+    """BCM GPIO of the appliance's service LED: steady when ready, blinking when degraded."""
     source: str = field(default="<config>", metadata={"internal": True})
 
     def lines_on(self, capture: CaptureConfig) -> tuple[LineConfig, ...]:
@@ -392,7 +411,10 @@ def load_config(path: Path) -> Config:
 
 
 def config_from_dict(data: dict[str, Any], *, source: str, base: Path) -> Config:
-    """Build a checked Config; relative paths are taken from ``base``."""
+    """Build a checked Config; relative paths are taken from ``base``. A ``hat`` profile
+    is filled in first: what the config sets itself wins."""
+    if "hat" in data:
+        data = with_hat_profile(data, source, base)
     config = dataclasses.replace(_build(Config, data, source, "", base), source=source)
     _check_references(config)
     return config
@@ -509,6 +531,11 @@ def _check_references(config: Config) -> None:
         fail("numbers.country_code", "use the digits of the country calling code, like \"31\"")
     names: set[str] = set()
     pins: dict[int, str] = {}
+    if config.service_led_pin is not None:
+        pins[config.service_led_pin] = "service_led_pin"
+    if config.storage_guard.floor_mb > config.storage_guard.low_mb:
+        fail("storage_guard.floor_mb", f"{config.storage_guard.floor_mb} is above low_mb "
+             f"({config.storage_guard.low_mb}); the floor comes after the low-space alarm")
     taps: dict[tuple[str, int], str] = {}
     plays: dict[tuple[str, int], str] = {}
     playback_tap: dict[str, str] = {}
@@ -604,6 +631,75 @@ def _by_name(tables: tuple[Any, ...], key: str, fail: Callable[[str, str], None]
             fail(f"{key}[{i}].name", f"{table.name!r} is used twice; names must be unique")
         found[table.name] = table
     return found
+
+
+PROFILE_KEYS = ("description", "overlay", "config_txt", "service_led_pin", "capture",
+                "playback", "line")
+"""What a HAT profile file may hold (hw/profiles/*.toml)."""
+
+
+def hat_profiles() -> dict[str, Path]:
+    """The HAT profiles that ship with linerec, by name."""
+    folder = files("linerec.hw") / "profiles"
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
+            if entry.name.endswith(".toml")}
+
+
+def load_hat_profile(name: str, source: str, base: Path) -> dict[str, Any]:
+    """A HAT profile's tables, by shipped name or as a path to a profile file."""
+    shipped = hat_profiles()
+    if name in shipped:
+        path = shipped[name]
+    elif name.endswith(".toml"):
+        path = Path(name) if Path(name).is_absolute() else base / name
+    else:
+        raise ConfigError(source, "hat", f"no HAT profile {name!r}; use one of "
+                          f"{', '.join(sorted(shipped))}, or the path of a profile file "
+                          "ending in .toml")
+    try:
+        profile = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(source, "hat", f"the HAT profile {path} cannot be read: {exc}") \
+            from exc
+    unknown = sorted(set(profile) - set(PROFILE_KEYS))
+    if unknown:
+        raise ConfigError(source, "hat", f"the HAT profile {path} has an unknown key "
+                          f"{unknown[0]!r}; known keys: {', '.join(PROFILE_KEYS)}")
+    return profile
+
+
+def with_hat_profile(data: dict[str, Any], source: str, base: Path) -> dict[str, Any]:
+    """The config's tables laid over its HAT profile's: devices and lines by name, key by
+    key. Each [[line]] of the config takes the profile's line of the same name (the lines
+    the installer wired); a line the profile lacks must give its own pins."""
+    name = data["hat"]
+    if not isinstance(name, str) or not name:
+        raise ConfigError(source, "hat", "expected the name of a HAT profile in quotes, "
+                          f"like \"generic-2line\"; shipped: {', '.join(sorted(hat_profiles()))}")
+    profile = load_hat_profile(name, source, base)
+    merged = dict(data)
+    if "service_led_pin" in profile:
+        merged.setdefault("service_led_pin", profile["service_led_pin"])
+    for key in ("capture", "playback"):
+        ours = data.get(key, [])
+        if not isinstance(ours, list) or not all(isinstance(t, dict) for t in ours):
+            continue  # the loader names the problem
+        given = {t.get("name"): t for t in ours}
+        merged[key] = [{**table, **given.pop(table["name"], {})}
+                       for table in profile.get(key, [])] + list(given.values())
+    lines = data.get("line")
+    if not isinstance(lines, list) or not all(isinstance(t, dict) for t in lines):
+        return merged
+    wired = {line["name"]: line for line in profile.get("line", [])}
+    merged["line"] = []
+    for i, line in enumerate(lines):
+        if line.get("name") not in wired and "hook_pin" not in line:
+            raise ConfigError(source, f"line[{i}].name",
+                              f"{line.get('name')!r} is not a line of the HAT profile "
+                              f"{name!r} (it has {', '.join(wired)}); use one of those names, "
+                              "or give this line its own capture, playback and pins")
+        merged["line"].append({**wired.get(line.get("name"), {}), **line})
+    return merged
 
 
 def packaged_disclosure(language: str) -> Path:

@@ -193,13 +193,17 @@ class TapEngine(threading.Thread):
             try:
                 line.tick(start, self._period)
             except Exception as exc:
-                logger.exception("line %s failed at sample %d", line.name, start)
+                logger.exception("line %s failed at sample %d", line.name, start,
+                                 extra=line.journal_fields())
                 line.fault(start, exc)
         self.position = start + self._period
 
     def _watch_device(self, position: int) -> None:
-        """Report a device that failed, once, and its return."""
+        """Report a device that failed, once, and its return; the lines' LEDs show it."""
         error = self.capture.device_error
+        if bool(error) != bool(self._device_error):
+            for line in self.lines:
+                line.show_capture_lost(bool(error))
         if error and error != self._device_error:
             logger.error("capture device %s failed (%s); reopening it", self.capture_name, error)
             self._events.emit(make_event(
@@ -220,4 +224,5 @@ class TapEngine(threading.Thread):
             try:
                 line.shutdown(self.position)
             except Exception:
-                logger.exception("line %s did not shut down cleanly", line.name)
+                logger.exception("line %s did not shut down cleanly", line.name,
+                                 extra=line.journal_fields())

@@ -29,6 +29,10 @@ class EventKind(StrEnum):
     RECORDING_DELETED = "recording_deleted"
     LINE_FAULT = "line_fault"
     LINE_RECOVERED = "line_recovered"
+    STORAGE_LOW = "storage_low"
+    STORAGE_FULL = "storage_full"
+    STORAGE_OK = "storage_ok"
+    CHECK_FAILED = "check_failed"
     ERROR = "error"
 
 
@@ -77,7 +81,23 @@ MESSAGE_IDS = {
     EventKind.RECORDING_STOPPED: "3a5c7e9f1b2d4f6a8c0e2a4c6e8fab1d",
     EventKind.LINE_FAULT: "81df127031f14e39a4b8a4b21ca924b6",
     EventKind.RECORDING_DELETED: "c3a3e97070ce4416b0e32d049a75fab4",
+    EventKind.STORAGE_LOW: "81c6c68809824184959f5ccc5e60f137",
+    EventKind.STORAGE_FULL: "10fcb177149b4e03ad963ffbb22f9f1e",
+    EventKind.CHECK_FAILED: "d90ec43c43ad4752b3587fd9a797669a",
 }
+
+
+def journal_fields(*, line: str | None = None, call_id: str | None = None,
+                   message_id: str | None = None) -> dict[str, str]:
+    """A log record's journald fields (``extra=``): LINE and CALL_ID where known, and
+    MESSAGE_ID for the key events, so that `journalctl LINE=line1` or `journalctl
+    MESSAGE_ID=...` finds them (docs/EVENTS.md lists the ids)."""
+    fields = {"LINE": line, "CALL_ID": call_id, "MESSAGE_ID": message_id}
+    return {key: value for key, value in fields.items() if value}
+
+
+WARNINGS = {EventKind.DISCLOSURE_FAILED, EventKind.ERROR, EventKind.LINE_FAULT,
+            EventKind.STORAGE_LOW, EventKind.STORAGE_FULL, EventKind.CHECK_FAILED}
 
 
 class LogSink:
@@ -89,15 +109,9 @@ class LogSink:
     def publish(self, event: dict[str, Any]) -> None:
         kind = event["event"]
         details = {k: v for k, v in event.items() if k not in ("event", "line", "call_id", "ts")}
-        extra: dict[str, Any] = {
-            "LINE": event.get("line") or "",
-            "CALL_ID": event.get("call_id") or "",
-        }
-        message_id = MESSAGE_IDS.get(EventKind(kind))
-        if message_id:
-            extra["MESSAGE_ID"] = message_id
-        level = (logging.WARNING if kind in ("disclosure_failed", "error", "line_fault")
-                 else logging.INFO)
+        extra = journal_fields(line=event.get("line"), call_id=event.get("call_id"),
+                               message_id=MESSAGE_IDS.get(EventKind(kind)))
+        level = (logging.WARNING if kind in WARNINGS else logging.INFO)
         self._log.log(level, "%s line=%s call=%s %s", kind, event.get("line"),
                       event.get("call_id"), json.dumps(details, sort_keys=True), extra=extra)
 

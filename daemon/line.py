@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum, StrEnum
@@ -42,8 +43,8 @@ from linerec.audio.ring import RingOverrun, SampleRing
 from linerec.daemon import __version__
 from linerec.daemon.config import AudioConfig, LineConfig
 from linerec.daemon.disclosure import DisclosureLibrary, EchoCheck, PreparedDisclosure
-from linerec.daemon.events import EventBus, EventKind, iso_ms, make_event
-from linerec.daemon.numbers import NEVER_RECORD, NumberRules
+from linerec.daemon.events import EventBus, EventKind, iso_ms, journal_fields, make_event
+from linerec.daemon.numbers import NEVER_RECORD, STORAGE_FULL, NumberRules
 from linerec.daemon.paths import new_call_id, receipt_path, recording_path
 from linerec.daemon.playback import OutputChannel, WriteTicket
 from linerec.daemon.receipt import file_sha256, seal_receipt, write_receipt
@@ -56,6 +57,9 @@ FAULT_AFTER_FAILURES = 3
 """A line whose disclosure fails this many calls in a row (for reasons of the line, not of
 the caller) is in fault: its LED blinks until a disclosure is heard again."""
 FAULT_BLINK_S = (0.2, 0.8)
+"""A short flash each second: this line is in fault."""
+STORAGE_FULL_BLINK_S = (1.0, 1.0)
+"""Slow, even blinking: the storage is full, calls are not recorded."""
 SILENT_OUTPUT_SHARE = 0.3
 """A disclosure heard at under this share of verify_min_score did not reach the line at all
 (a silent output scores about 0.01); above it, it was there but drowned."""
@@ -263,6 +267,7 @@ class Line:
         disclosures: DisclosureLibrary,
         rules: NumberRules,
         events: EventBus,
+        storage_full: Callable[[], bool] = lambda: False,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -282,6 +287,10 @@ class Line:
         self._disclosures = disclosures
         self._rules = rules
         self._events = events
+        self._storage_full = storage_full
+        self._led_shown: tuple[float, float] | str = "off"
+        self._storage_full_shown = False
+        self._capture_lost = False
         ms = self._rate // 1000
         self._hook = HookFilter(
             debounce=config.hook_debounce_ms * ms, onhook_confirm=config.onhook_confirm_ms * ms
@@ -320,6 +329,9 @@ class Line:
         end = start + frames
         if self._pending is not None and self.call is None:
             self._take_pending()
+        if self._storage_full() is not self._storage_full_shown:
+            self._storage_full_shown = not self._storage_full_shown
+            self._show_led()
         if self._ring_input.is_active:
             self._last_ring = end
         hook = self._hook.update(start, frames, self._hook_input.is_active)
@@ -588,12 +600,13 @@ class Line:
         try:
             self._close_call(position, "error")
         except Exception:
-            logger.exception("line %s: the call could not be ended cleanly", self.name)
+            logger.exception("line %s: the call could not be ended cleanly", self.name,
+                             extra=self.journal_fields())
             if self.call is not None and self.call.recording is not None:
                 self.call.recording.abandon()  # the .part stays for inspection
-            self._led.off()
             self.call = None
             self.state = LineState.IDLE
+            self._show_led()
 
     def _close_call(self, position: int, reason: str) -> None:
         if self.state is LineState.ANSWERING:
@@ -697,6 +710,9 @@ class Line:
         call = self.call
         assert call is not None
         call.rule = self._rules.rule_for(call.number)
+        if call.rule is None and self._storage_full():
+            # No room to record: turned away at the start rather than cut off mid-call.
+            call.rule = STORAGE_FULL
         if call.rule is not None:
             if call.rule == NEVER_RECORD:
                 # Data minimisation: the receipt and events do not keep this number.
@@ -750,7 +766,7 @@ class Line:
         self.failures_in_a_row = 0
         if self.in_fault:
             self.in_fault = False
-            self._led.off()
+            self._show_led()
             self._emit(EventKind.LINE_RECOVERED, call.disclosure_line_end)
         return DisclosureHeard(call.call_id, call.disclosure_line_end)
 
@@ -769,7 +785,7 @@ class Line:
         self.failures_in_a_row += 1
         if self.failures_in_a_row >= FAULT_AFTER_FAILURES and not self.in_fault:
             self.in_fault = True
-            self._led.blink(*FAULT_BLINK_S)
+            self._show_led()
             self._emit(EventKind.LINE_FAULT, position,
                        message=f"the disclosure failed on {self.failures_in_a_row} calls in a "
                        f"row (last: {reason}); calls on line {self.name} are not recorded "
@@ -804,7 +820,7 @@ class Line:
         call.recording_summary = {"file": path.name, "status": "recording",
                                   "first_sample": heard.line_end}
         self.state = LineState.RECORDING
-        self._led.on()
+        self._show_led()
         self._emit(EventKind.RECORDING_STARTED, heard.line_end, file=str(path))
         self._save_receipt(call, heard.line_end)
 
@@ -851,7 +867,7 @@ class Line:
                                       "error": str(exc), "lost_samples": call.lost_samples,
                                       "capture_gaps": call.capture_gaps}
             call.recording = None
-            self._led.off()
+            self._show_led()
             self.state = LineState.UNRECORDED
             return
         call.recording_next_sample = limit
@@ -874,7 +890,7 @@ class Line:
             size = recording.close(end=stop - first)
         except Exception as exc:
             recording.abandon()
-            self._led.off()
+            self._show_led()
             call.recording_summary = {
                 "file": recording.part_path.name,
                 "status": "incomplete",
@@ -887,7 +903,7 @@ class Line:
                        message=f"closing the recording {recording.path} failed: {exc}; "
                        f"what was written is in {recording.part_path}")
             return
-        self._led.off()
+        self._show_led()
         duration = round(recording.samples / self._rate, 3)
         call.recording_summary = {
             "file": recording.path.name,
@@ -920,10 +936,39 @@ class Line:
         self._save_receipt(call, at, ended=ended, reason=reason)
         self.call = None
         self.state = LineState.IDLE
-        if self.in_fault:
-            self._led.blink(*FAULT_BLINK_S)
+        self._show_led()
 
     # ---- outputs --------------------------------------------------------------------
+
+    def show_capture_lost(self, lost: bool) -> None:
+        """The capture device is gone (or back): the line cannot hear, so its LED says it is
+        in error meanwhile. Called by the engine, which ticks no line while it waits."""
+        self._capture_lost = lost
+        self._show_led()
+
+    def _show_led(self) -> None:
+        """The LED says what the line does: steady while a recording is open, the fault
+        blink while the line is in fault or its capture device is lost, the storage blink
+        while calls are turned away for want of space, else off."""
+        wanted: tuple[float, float] | str
+        if self.call is not None and self.call.recording is not None:
+            wanted = "on"
+        elif self.in_fault or self._capture_lost:
+            wanted = FAULT_BLINK_S
+        elif self._storage_full_shown:
+            wanted = STORAGE_FULL_BLINK_S
+        else:
+            wanted = "off"
+        if wanted == self._led_shown:
+            return  # a blink restarted every period would never blink
+        self._led_shown = wanted
+        if wanted == "on":
+            self._led.on()
+        elif wanted == "off":
+            self._led.off()
+        else:
+            assert isinstance(wanted, tuple)
+            self._led.blink(*wanted)
 
     def _play(self, start: int, frames: int) -> None:
         """Queue one period for the line output: the disclosure while disclosing, else
@@ -990,6 +1035,10 @@ class Line:
             given_at = max(ticket.captured_before_write, chunk_end)
             call.disclosure_line_end = given_at - padding + self._output_latency
         return call.disclosure_line_end
+
+    def journal_fields(self) -> dict[str, str]:
+        """LINE and the current CALL_ID for this line's own log records."""
+        return journal_fields(line=self.name, call_id=self.call.call_id if self.call else None)
 
     def _emit(self, kind: EventKind, position: int, **fields: Any) -> None:
         call = self.call

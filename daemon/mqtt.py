@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -33,6 +34,78 @@ def _plain_topic(topic: str) -> bool:
         and "\0" not in topic
 
 
+def make_client(config: MqttConfig, client_id: str, *, persistent: bool) -> mqtt.Client:
+    """A paho client for the configured broker: its protocol, credentials and TLS.
+    ``persistent`` keeps the session while disconnected (MQTT 3.1.1; MQTT 5 asks for that
+    when it connects)."""
+    if config.protocol == "5":
+        # MQTT 5 has no clean session flag: a session that outlives the connection.
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             clean_session=not persistent)
+    if config.username:
+        client.username_pw_set(config.username, config.password or None)
+    if config.ca_file is not None:
+        client.tls_set(
+            ca_certs=str(config.ca_file),
+            certfile=str(config.cert_file) if config.cert_file else None,
+            keyfile=str(config.key_file) if config.key_file else None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+    return client
+
+
+BrokerOutcome = Literal["connected", "refused-credentials", "refused", "no-listener",
+                        "unknown-host", "no-answer", "tls", "closed", "unreachable"]
+CREDENTIAL_REASONS = (134, 135, 140)
+"""CONNACK reason codes (MQTT 5 numbering; paho maps 3.1.1's 4 and 5 onto 134 and 135):
+bad user name or password, not authorised, bad authentication method."""
+
+
+def probe_broker(config: MqttConfig, client_id: str,
+                 timeout_s: float = 5.0) -> tuple[BrokerOutcome, str]:
+    """Connect once with the config's credentials and TLS and wait for the CONNACK: the
+    outcome, and what the network, TLS or broker said. A clean session under its own
+    client id, so that the daemon's session is neither taken over nor ended."""
+    client = make_client(config, client_id, persistent=False)
+    client.connect_timeout = timeout_s
+    answers: list[Any] = []
+    client.on_connect = lambda c, userdata, flags, reason, properties: answers.append(reason)
+    try:
+        client.connect(config.host, config.port, keepalive=config.keepalive_s)
+    except ssl.SSLError as exc:
+        return "tls", str(getattr(exc, "verify_message", "") or exc.reason or exc)
+    except ConnectionRefusedError as exc:
+        return "no-listener", exc.strerror or str(exc)
+    except socket.gaierror as exc:
+        return "unknown-host", exc.strerror or str(exc)
+    except TimeoutError:
+        return "no-answer", f"no answer within {timeout_s:g} s"
+    except OSError as exc:
+        return "unreachable", exc.strerror or str(exc)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not answers and time.monotonic() < deadline:
+            try:
+                code = client.loop(timeout=0.1)
+            except ssl.SSLError as exc:  # the broker turned down the client certificate
+                return "tls", str(exc.reason or exc)
+            if code != mqtt.MQTT_ERR_SUCCESS and not answers:
+                return "closed", mqtt.error_string(code)
+    finally:
+        client.disconnect()
+    if not answers:
+        return "no-answer", f"no CONNACK within {timeout_s:g} s"
+    reason = answers[0]
+    if not reason.is_failure:
+        return "connected", ""
+    if reason.value in CREDENTIAL_REASONS:
+        return "refused-credentials", str(reason)
+    return "refused", str(reason)
+
+
 class MqttEventSink:
     """Publishes events with QoS 1 to ``<prefix>/<device_id>/line/<line>/event`` (device-wide
     ones to ``<prefix>/<device_id>/event``), through the on-disk outbox: an event is on disk
@@ -51,24 +124,7 @@ class MqttEventSink:
         self._storage = storage
         self._connected = threading.Event()
         self._v5 = config.protocol == "5"
-        if self._v5:
-            # MQTT 5 has no clean session flag: a session that outlives the connection.
-            self._client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                       client_id=f"linerec-{device_id}",
-                                       protocol=mqtt.MQTTv5)
-        else:
-            self._client = mqtt.Client(
-                CallbackAPIVersion.VERSION2, client_id=f"linerec-{device_id}",
-                clean_session=False)
-        if config.username:
-            self._client.username_pw_set(config.username, config.password or None)
-        if config.ca_file is not None:
-            self._client.tls_set(
-                ca_certs=str(config.ca_file),
-                certfile=str(config.cert_file) if config.cert_file else None,
-                keyfile=str(config.key_file) if config.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
+        self._client = make_client(config, f"linerec-{device_id}", persistent=True)
         self._client.will_set(self.status_topic, OFFLINE, qos=1, retain=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect

@@ -11,6 +11,8 @@ if TYPE_CHECKING:  # the config checks rules with plain_number from here
 
 NEVER_RECORD = "never_record"
 NOT_IN_ONLY_RECORD = "not_in_only_record"
+STORAGE_FULL = "storage_full"
+"""Not a number rule: the storage guard's floor, which turns calls away in the same way."""
 
 
 def plain_number(number: str) -> str:

@@ -76,7 +76,8 @@ def changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
     """(keys applied between calls, keys that wait for a restart)."""
     live: list[str] = []
     restart: list[str] = []
-    for name in ("storage", "device_id", "audio", "capture", "playback", "mqtt"):
+    for name in ("storage", "device_id", "audio", "capture", "playback", "mqtt", "hat",
+                 "service_led_pin", "storage_guard"):
         if getattr(old, name) != getattr(new, name):
             restart.append(name)
     for name in LIVE:

@@ -20,7 +20,7 @@ from typing import Any
 
 from linerec.audio.ogg import RepairError, repair_stream
 from linerec.audio.recording import PART_SUFFIX, fsync_dir
-from linerec.daemon.events import EventBus, EventKind, iso_ms, make_event
+from linerec.daemon.events import EventBus, EventKind, iso_ms, journal_fields, make_event
 from linerec.daemon.ledger import Ledger, LedgerState
 from linerec.daemon.paths import CALL_ID_PATTERN, RECEIPT_SUFFIX, RECORDING_SUFFIX, check_call_id
 from linerec.daemon.receipt import SEALED_STATES, file_sha256, seal_receipt, write_receipt
@@ -121,7 +121,8 @@ def _close_receipt(storage: Path, path: Path, receipt: dict[str, Any], events: E
         recording["status"] = "missing"
     _seal(storage, path, receipt, events, now)
     logger.warning("call %s was interrupted; its receipt %s says so",
-                   receipt.get("call_id"), path)
+                   receipt.get("call_id"), path,
+                   extra=journal_fields(line=receipt.get("line"), call_id=receipt.get("call_id")))
 
 
 def _seal(storage: Path, path: Path, receipt: dict[str, Any], events: EventBus,

@@ -24,13 +24,17 @@ from linerec.daemon.line import Line
 from linerec.daemon.numbers import NumberRules
 from linerec.daemon.playback import PlaybackThread
 from linerec.daemon.recovery import recover_interrupted
-from linerec.hw.base import CaptureStream, Hat
+from linerec.daemon.storage_guard import MB, SpaceLevel, StorageGuard
+from linerec.hw.base import CaptureStream, Hat, Indicator
 
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 3.0
 """How long each thread gets to stop; all of them together stay well inside the unit's
 TimeoutStopSec, so systemd never has to kill a recorder that is closing its files."""
+
+SERVICE_DEGRADED_BLINK_S = (0.5, 0.5)
+"""The service LED blinks evenly while the appliance is degraded; steady means all is well."""
 
 RING_SECONDS = 8
 """Each line's ring holds at least this much audio: the engine may fall this far behind
@@ -78,6 +82,13 @@ class Recorder:
         self.retention_interval_s = retention_interval_s
         """Time between retention sweeps (seconds); the first runs at start."""
         self.sweeper: RetentionSweeper | None = None
+        self.guard = StorageGuard(config.storage, config.storage_guard, events,
+                                  on_low=self._sweep_now)
+        self.service_led: Indicator | None = None
+        self._service_shown = ""
+        self.check_failures: list[str] = []
+        """Start-up checks that failed (``linerec doctor``'s names); the service LED says
+        degraded while any did."""
         self.engines: list[TapEngine] = []
         self.players: dict[str, PlaybackThread] = {}
         self.lines: list[Line] = []
@@ -94,6 +105,11 @@ class Recorder:
     def _start(self) -> None:
         check_storage(self.config.storage)
         recover_interrupted(self.config.storage, self.events)
+        # Before the first call can come: a full card turns calls away from the start.
+        self.guard.check()
+        if self.config.service_led_pin is not None:
+            self.service_led = self.hat.service_led(self.config.service_led_pin)
+            self._closers.append(("", self._service_led_off))
         audio = self.config.audio
         disclosures = DisclosureLibrary(self.config, audio.rate)
         rules = NumberRules(self.config.numbers)
@@ -144,6 +160,7 @@ class Recorder:
                     disclosures=disclosures,
                     rules=rules,
                     events=self.events,
+                    storage_full=lambda: self.guard.refusing,
                 ))
             capture = CaptureThread(
                 capture_config.name, stream, rings, priority=audio.capture_priority,
@@ -174,10 +191,44 @@ class Recorder:
         self.sweeper = RetentionSweeper(self.config.storage, self.events,
                                         self.retention_interval_s)
         self.sweeper.start()
+        self.guard.start()
         # What start-up allocated stays put: the collector need not walk it again.
         gc.freeze()
         logger.info("armed %d line(s): %s", len(self.lines),
                     ", ".join(line.name for line in self.lines))
+
+    def _sweep_now(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.sweep_now()
+
+    def problems(self) -> list[str]:
+        """What is wrong with the appliance now, in a few words each: for STATUS= and the
+        service LED."""
+        found = [f"{line.name} in fault" for line in self.lines if line.in_fault]
+        found += [f"capture {engine.capture_name} lost" for engine in self.engines
+                  if engine.capture.device_error is not None]
+        if self.guard.level is not SpaceLevel.OK:
+            found.append(f"storage {self.guard.level.value} ({self.guard.free // MB} MB free)")
+        found += [f"check failed: {name}" for name in self.check_failures]
+        return found
+
+    def show_service_state(self) -> None:
+        """The service LED: steady while all is well, blinking while degraded."""
+        if self.service_led is None:
+            return
+        wanted = "blink" if self.problems() else "on"
+        if wanted != self._service_shown:
+            self._service_shown = wanted
+            if wanted == "on":
+                self.service_led.on()
+            else:
+                self.service_led.blink(*SERVICE_DEGRADED_BLINK_S)
+
+    def _service_led_off(self) -> None:
+        """Off when linerec is not running: the LED never claims a recorder that is gone."""
+        assert self.service_led is not None
+        self.service_led.off()
+        self.service_led.close()
 
     def _reopener(self, capture: CaptureConfig) -> Callable[[], CaptureStream]:
         def reopen() -> CaptureStream:
@@ -188,7 +239,10 @@ class Recorder:
         """One line for systemd's STATUS=."""
         text = ", ".join(f"{line.name}: {line.state}" for line in self.lines)
         overruns = [f"{name} {count}" for name, count in self.overruns().items() if count]
-        return f"{text}; overruns: {', '.join(overruns)}" if overruns else text
+        if overruns:
+            text += f"; overruns: {', '.join(overruns)}"
+        problems = self.problems()
+        return f"{text}; degraded: {', '.join(problems)}" if problems else text
 
     def apply_config(self, config: Config) -> None:
         """Take on new call settings: each line changes over when it has no call. Device
@@ -228,6 +282,10 @@ class Recorder:
         return {e.capture_name: sum(1 for g in e.capture.gaps if g[2] == "overrun")
                 for e in self.engines}
 
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """Per capture device: frames captured, and frames its engine has worked through."""
+        return {e.capture_name: (e.capture.frames_captured, e.position) for e in self.engines}
+
     def disclosure_failures(self) -> dict[str, int]:
         return {line.name: line.disclosure_failures for line in self.lines}
 
@@ -245,6 +303,7 @@ class Recorder:
         """Stop in reverse order of start: retention sweep, engines, open calls, capture,
         devices.
         Safe after a start that failed half-way."""
+        self.guard.stop()
         if self.sweeper is not None:
             self.sweeper.stop()
             self.sweeper.join(timeout=STOP_TIMEOUT_S)

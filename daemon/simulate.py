@@ -11,6 +11,8 @@ from typing import Any, TextIO
 from linerec.daemon.config import Config, config_from_dict
 from linerec.daemon.events import EventBus, EventSink
 from linerec.daemon.runtime import Recorder
+from linerec.daemon.service import Outcome, serve
+from linerec.daemon.supervisor import ServiceNotifier
 from linerec.daemon.telemetry import MqttInterface
 from linerec.hw.sim import SimulatedHat
 
@@ -112,21 +114,17 @@ def run_simulation(
                              test_disclosure=recorder.test_disclosure)
         mqtt.start(wait_s=5.0)
     try:
-        recorder.start()
-        try:
-            hat.start_lines()
-            while not recorder.wait(timeout=0.2):
-                if hat.failure() is not None or (stop is not None and stop.is_set()):
-                    break
-                if mqtt is not None and mqtt.restart_pending and recorder.free():
-                    raise RestartToApply()
-        finally:
-            recorder.stop()
+        outcome = serve(recorder, ServiceNotifier(), stop or threading.Event(),
+                        finished=lambda: recorder.wait(0) or hat.failure() is not None,
+                        restart_pending=lambda: mqtt is not None and mqtt.restart_pending,
+                        on_ready=hat.start_lines)
         if hat.keep_files:
             hat.save_line_audio()
         failure = hat.failure()
         if failure is not None:
             raise failure
+        if outcome is Outcome.RESTART:
+            raise RestartToApply()
     finally:
         hat.close()
         if mqtt is not None:

@@ -32,6 +32,21 @@ def configure_logging(verbose: bool = False) -> None:
 class ServiceNotifier:
     """sd_notify(3) messages; each is a no-op when NOTIFY_SOCKET is not set."""
 
+    @staticmethod
+    def watchdog_interval() -> float | None:
+        """Seconds within which systemd wants a WATCHDOG=1 (the unit's WatchdogSec), or
+        None when no watchdog is armed for this process."""
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if not usec.isdigit() or int(usec) == 0:
+            return None
+        if pid and pid != str(os.getpid()):
+            return None  # meant for the process that started us
+        return int(usec) / 1_000_000
+
+    def watchdog(self) -> None:
+        systemd.daemon.notify("WATCHDOG=1")
+
     def ready(self, status: str) -> None:
         systemd.daemon.notify(f"READY=1\nSTATUS={status}")
 

@@ -53,6 +53,8 @@ class HealthSource(Protocol):
 
     def lines_in_fault(self) -> list[str]: ...
 
+    def problems(self) -> list[str]: ...
+
 
 class Telemetry:
     """An event sink that keeps the retained topics true: ``line/<line>/state`` follows
@@ -166,6 +168,7 @@ class Telemetry:
             "disclosure_failures": self._health.disclosure_failures(),
             "lines_in_fault": self._health.lines_in_fault(),
             "clock_synchronised": synchronised,
+            "problems": self._health.problems(),
         }
 
     # ---- Home Assistant ------------------------------------------------------------------

@@ -132,6 +132,10 @@ class Hat(Protocol):
 
     def recording_led(self, line: LineConfig) -> Indicator: ...
 
+    def service_led(self, pin: int) -> Indicator:
+        """The appliance's own LED (config ``service_led_pin``)."""
+        ...
+
     def release_capture(self) -> None:
         """Unblock capture reads so capture threads can stop (after they were told to)."""
 

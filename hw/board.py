@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig, PlaybackConfig
 from linerec.hw.alsa import AlsaCapture, AlsaPlayback
-from linerec.hw.gpio import GpioInput, GpioLed
+from linerec.hw.gpio import GpioInput, GpioLed, pin_factory_name
 
 _TIME_ERROR = 5
 """adjtimex(2): the clock is not synchronised."""
@@ -99,6 +99,12 @@ class PiHat:
 
     def recording_led(self, line: LineConfig) -> GpioLed:
         return GpioLed(line.led_pin, name=f"{line.name} LED")
+
+    def service_led(self, pin: int) -> GpioLed:
+        return GpioLed(pin, name="service LED")
+
+    def gpio_backend(self) -> str:
+        return pin_factory_name()
 
     def release_capture(self) -> None:
         """A real capture device returns a period every few milliseconds by itself."""

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from gpiozero import LED, DigitalInputDevice, GPIOZeroError
+from gpiozero import LED, Device, DigitalInputDevice
 from gpiozero.pins.mock import MockFactory
 
 from linerec.hw.base import HardwareError
+
+PIN_ERRORS: tuple[type[Exception], ...] = (Exception,)
+"""What claiming a pin may raise: gpiozero's own errors, and from below it whatever the
+pin library raises (lgpio's own error class for "GPIO busy", OSError for no rights on
+/dev/gpiochip*). Each becomes a HardwareError naming the pin."""
 
 
 class GpioInput:
@@ -19,7 +24,7 @@ class GpioInput:
             self._device = DigitalInputDevice(
                 pin, pull_up=None, active_state=active_high, pin_factory=pin_factory
             )
-        except GPIOZeroError as exc:
+        except PIN_ERRORS as exc:
             raise HardwareError(f"GPIO {pin} ({name}) cannot be used: {exc}") from exc
 
     @property
@@ -36,7 +41,7 @@ class GpioLed:
     def __init__(self, pin: int, *, name: str, pin_factory: Any = None) -> None:
         try:
             self._led = LED(pin, pin_factory=pin_factory)
-        except GPIOZeroError as exc:
+        except PIN_ERRORS as exc:
             raise HardwareError(f"GPIO {pin} ({name}) cannot be used: {exc}") from exc
 
     @property
@@ -55,6 +60,13 @@ class GpioLed:
 
     def close(self) -> None:
         self._led.close()
+
+
+def pin_factory_name() -> str:
+    """The pin factory gpiozero chose at the first pin (LGPIOFactory on current Pis, the
+    Pi 5 included; GPIOZERO_PIN_FACTORY overrides), for the log."""
+    factory = Device.pin_factory
+    return type(factory).__name__ if factory is not None else "none yet"
 
 
 def mock_pin_factory() -> Any:

@@ -39,6 +39,7 @@ STEP_KEYS: dict[str, dict[str, bool]] = {
     "answer": {},
     "overrun": {"frames": True},
     "unplug": {"seconds": True},
+    "stall": {"seconds": True},
 }
 TONE_KINDS = ("dial", "ringback", "busy", "congestion")
 CALLER_ID_FORMATS = ("dtmf", "fsk")

@@ -126,7 +126,8 @@ class SimulatedHat:
     def open_capture(self, capture: CaptureConfig, audio: AudioConfig) -> AlsaCapture:
         faults = self._capture_faults.setdefault(
             capture.name, _CaptureFaults(self.faults_on(capture.name, "overrun"),
-                                         self.faults_on(capture.name, "unplug")))
+                                         self.faults_on(capture.name, "unplug"),
+                                         self.stalls_on(capture.name)))
         stream = SimulatedCapture(
             dataclasses.replace(capture, device=capture_pcm_name(capture.name)), audio,
             faults)
@@ -145,6 +146,14 @@ class SimulatedHat:
                           else round(float(step.params["seconds"]) * self.rate))
                 faults[at] = -(-frames // period) * period
         return faults
+
+    def stalls_on(self, capture: str) -> dict[int, float]:
+        """A scenario's ``stall`` steps on a capture device: position (a whole period) ->
+        seconds of wall-clock time the device then delivers nothing, without failing."""
+        return {round(step.at * self.rate) // self.period * self.period:
+                float(step.params["seconds"])
+                for step in self.scenario.steps
+                if step.do == "stall" and self._line_of[step.line].capture == capture}
 
     def gaps_on(self, capture: str) -> dict[int, int]:
         """Where the simulated line's audio never reaches the daemon."""
@@ -173,6 +182,9 @@ class SimulatedHat:
 
     def recording_led(self, line: LineConfig) -> GpioLed:
         return GpioLed(line.led_pin, name=f"{line.name} LED", pin_factory=self.pin_factory)
+
+    def service_led(self, pin: int) -> GpioLed:
+        return GpioLed(pin, name="service LED", pin_factory=self.pin_factory)
 
     def release_capture(self) -> None:
         """Closing the FIFO's only writer ends the capture thread's blocked read."""
@@ -294,6 +306,7 @@ class _CaptureFaults:
 
     overruns: dict[int, int]
     unplugs: dict[int, int]
+    stalls: dict[int, float]
     position: int = 0
     lost_while_gone: int = 0
 
@@ -317,6 +330,11 @@ class SimulatedCapture(AlsaCapture):
             faults.position += gone
             faults.lost_while_gone = gone
             raise HardwareError(f"capture device {self.name!r} was unplugged (simulated)")
+        hang = faults.stalls.pop(faults.position, 0.0)
+        if hang:
+            # A hung driver: the read neither returns nor fails for a while. No audio is
+            # lost (the line waits in lock-step); the watchdog must notice the silence.
+            time.sleep(hang)
         lost = faults.overruns.pop(faults.position, 0)
         if lost:
             self.overruns += 1
@@ -354,6 +372,8 @@ class _LineFeeder(threading.Thread):
                                    dtype=np.int16)
         self.written = 0
         self._stopping = False
+        self._stalls = sum(hat.stalls_on(capture.name).values())
+        """Injected stalls: the daemon may read nothing for this long on top."""
 
     def stop(self) -> None:
         self._stopping = True
@@ -431,7 +451,7 @@ class _LineFeeder(threading.Thread):
             if self._stopping:
                 return False
             waited += 0.1
-            if waited >= STALL_TIMEOUT_S:
+            if waited >= STALL_TIMEOUT_S + self._stalls:
                 raise HardwareError(f"simulated line {self.capture.name}: the daemon read "
                                     f"nothing for {STALL_TIMEOUT_S} s (at sample {position})")
         return True

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -14,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simhelpers import sim_config
+from simhelpers import sim_config, step, write_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "linerec.service"
@@ -92,6 +95,9 @@ def test_run_tells_systemd_ready_status_and_stopping(tmp_path: Path,
         assert "STATUS=line1: idle, line2: idle" in ready
         time.sleep(0.5)
         assert proc.poll() is None
+        proc.send_signal(signal.SIGUSR1)  # a stack dump, and it runs on
+        time.sleep(0.5)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         while not any("STOPPING=1" in m for m in messages):
             messages.append(sock.recv(4096).decode())
@@ -103,6 +109,9 @@ def test_run_tells_systemd_ready_status_and_stopping(tmp_path: Path,
     stderr = proc.stderr.read() if proc.stderr else ""
     assert "armed 2 line(s): line1, line2" in stderr
     assert "SIGTERM received" in stderr
+    # Every thread's stack: the capture thread waits inside the ALSA adapter's read.
+    assert stderr.count("(most recent call first)") >= 4
+    assert "linerec/hw/alsa.py" in stderr or "/hw/alsa.py" in stderr
 
 
 def test_run_refuses_a_bad_config_with_status_2(tmp_path: Path) -> None:
@@ -172,3 +181,227 @@ def test_without_the_rights_real_time_settings_are_warnings(tmp_path: Path) -> N
     assert "mlockall was refused" in result.stderr
     assert "SCHED_FIFO priority 10 was refused" in result.stderr
     assert '"event": "recording_stopped"' in result.stdout
+
+
+class NotifySocket:
+    """A unix datagram socket bound where NOTIFY_SOCKET points, as systemd's is: every
+    message with the monotonic time it arrived."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, message in list(self.messages):
+                if text in message:
+                    return at
+            time.sleep(0.05)
+        raise AssertionError(f"no {text!r} from the daemon: {self.messages}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        self._sock.close()
+
+
+def simulate_under_systemd(tmp_path: Path, scenario: Path, config: Path,
+                           notify: NotifySocket, watchdog_s: float) -> subprocess.Popen[str]:
+    """`linerec simulate --realtime` as systemd would run the daemon: NOTIFY_SOCKET, and
+    WATCHDOG_USEC from WatchdogSec."""
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify.path),
+           "WATCHDOG_USEC": str(int(watchdog_s * 1_000_000))}
+    env.pop("JOURNAL_STREAM", None)
+    env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen([sys.executable, "-m", "linerec.daemon.cli", "simulate",
+                             "--scenario", str(scenario), "--config", str(config),
+                             "--realtime"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_watchdog_is_fed_only_while_the_capture_advances(tmp_path: Path) -> None:
+    """READY first (with STATUS), STATUS as the lines change, WATCHDOG=1 at half the
+    interval while audio comes in, none while the capture device hangs, STOPPING last."""
+    config = sim_config(tmp_path)
+    stall_at, stall_s, duration = 4.0, 3.0, 10.0
+    scenario = write_scenario(tmp_path, step(1.0, "ring") + step(1.5, "offhook")
+                              + step(stall_at, "stall", seconds=stall_s)
+                              + step(8.0, "onhook"), duration=duration)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        proc = simulate_under_systemd(tmp_path, scenario, config, notify, watchdog_s=1.0)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        messages = list(notify.messages)
+    finally:
+        notify.close()
+    texts = [text for _, text in messages]
+    assert "READY=1" in texts[0] and "STATUS=line1: idle, line2: idle" in texts[0]
+    assert "STOPPING=1" in texts[-1]
+    assert all("READY=1" not in text for text in texts[1:])
+    statuses = [text for text in texts if text.startswith("STATUS=")]
+    assert any("line1: disclosing" in text for text in statuses), statuses
+    pings = [at for at, text in messages if text == "WATCHDOG=1"]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    # The hang is the one long silence; otherwise a ping comes every half interval
+    # (0.5 s) plus the loop's tick, loose for a busy machine.
+    assert max(gaps) >= stall_s - 0.3, gaps
+    assert sorted(gaps)[-2] < 1.5, gaps
+    assert len(pings) >= (duration - stall_s) / 0.5 * 0.6, len(pings)
+    assert "capture tap delivers no audio: the watchdog is not fed" in stderr
+
+
+def test_sigterm_mid_call_leaves_a_complete_recording(tmp_path: Path,
+                                                     caller_speech: Path) -> None:
+    """systemctl stop during a recorded call: STOPPING=1, the recording closed whole (no
+    .part; opusinfo reads it to the end) with its receipt sealed, well inside
+    TimeoutStopSec."""
+    config = sim_config(tmp_path)
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(9.0, "audio", file=str(caller_speech)), duration=60.0)
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        proc = simulate_under_systemd(tmp_path, scenario, config, notify, watchdog_s=10.0)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if json.loads(line)["event"] == "recording_started":
+                break
+        recording_from = time.monotonic()
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=30)
+        stopped_in = time.monotonic() - signalled
+        notify.wait_for("STOPPING=1")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        notify.close()
+    assert proc.returncode == 0, stderr
+    assert stopped_in < 10.0
+    events = [json.loads(line) for line in stdout.splitlines()]
+    ended = next(e for e in events if e["event"] == "call_ended")
+    assert ended["reason"] == "shutdown" and ended["recorded"] is True
+    storage = tmp_path / "recordings"
+    assert not list(storage.rglob("*.part"))
+    (recording,) = storage.rglob("*.opus")
+    info = subprocess.run(["opusinfo", str(recording)], capture_output=True, text=True,
+                          check=False)
+    assert info.returncode == 0 and "WARNING" not in info.stdout + info.stderr, info.stdout
+    receipt = json.loads(recording.with_suffix(".json").read_text())
+    assert receipt["state"] == "closed"
+    assert receipt["end_reason"] == "shutdown", receipt
+    # What was recorded until the signal is all there (the line ran paced to the clock).
+    recorded = signalled - recording_from
+    assert receipt["recording"]["duration_s"] >= recorded - 0.5
+
+
+def read_journal_entry(datagram: bytes) -> dict[str, str]:
+    """One entry of journald's native protocol: KEY=value lines, or KEY, a 64-bit
+    little-endian length and the value for values with a newline."""
+    fields: dict[str, str] = {}
+    rest = datagram
+    while rest:
+        line, _, after = rest.partition(b"\n")
+        if b"=" in line:
+            key, _, value = line.partition(b"=")
+            fields[key.decode()] = value.decode()
+            rest = after
+        else:
+            size = int.from_bytes(after[:8], "little")
+            fields[line.decode()] = after[8:8 + size].decode()
+            rest = after[8 + size + 1:]
+    return fields
+
+
+def test_journal_entries_carry_line_call_id_and_message_ids(tmp_path: Path,
+                                                           caller_speech: Path) -> None:
+    """Under systemd, records go to journald with LINE, CALL_ID and, for the key events,
+    MESSAGE_ID. The daemon runs in its own mount namespace where /run/systemd/journal is
+    a folder whose socket this test reads: the real libsystemd client, a stand-in
+    journald."""
+    from linerec.daemon.events import MESSAGE_IDS, EventKind
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root for a private mount namespace")
+    run_systemd = tmp_path / "run-systemd"
+    (run_systemd / "journal").mkdir(parents=True)
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(run_systemd / "journal" / "socket"))
+    journal.settimeout(0.2)
+    config = sim_config(tmp_path, line_extra="answer_timeout_s = 5.0\n",
+                        extra="[storage_guard]\nlow_mb = 10000000\nfloor_mb = 0\n")
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(1.0, "offhook", line="line2")
+                              + step(9.0, "onhook", line="line2")
+                              + step(12.0, "audio", file=str(caller_speech))
+                              + step(22.0, "onhook"), duration=24.0)
+    env = {**os.environ, "JOURNAL_STREAM": "8:1"}
+    command = [sys.executable, "-m", "linerec.daemon.cli", "simulate", "--scenario",
+               str(scenario), "--config", str(config)]
+    datagrams: list[bytes] = []
+    done = threading.Event()
+
+    def read() -> None:  # as journald does, or the daemon's sends would block
+        while not done.is_set():
+            try:
+                datagrams.append(journal.recv(1 << 20))
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        result = subprocess.run(
+            ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /run/systemd && exec "$@"',
+             str(run_systemd), *command], env=env, capture_output=True, text=True,
+            timeout=120, check=False)
+        assert result.returncode == 0, result.stderr
+        time.sleep(0.5)
+    finally:
+        done.set()
+        reader.join()
+        journal.close()
+    entries = [read_journal_entry(datagram) for datagram in datagrams]
+    assert entries and all(e["SYSLOG_IDENTIFIER"] == "linerec" for e in entries)
+
+    def with_id(kind: EventKind) -> list[dict[str, str]]:
+        return [e for e in entries if e.get("MESSAGE_ID") == MESSAGE_IDS[kind]]
+
+    started = with_id(EventKind.CALL_STARTED)
+    assert [e["LINE"] for e in started] == ["line2", "line1"]
+    assert all(e["MESSAGE"].startswith("call_started") for e in started)
+    call_id = started[1]["CALL_ID"]
+    (stopped,) = with_id(EventKind.RECORDING_STOPPED)
+    assert (stopped["LINE"], stopped["CALL_ID"]) == ("line1", call_id)
+    (failed,) = with_id(EventKind.DISCLOSURE_FAILED)
+    assert failed["LINE"] == "line2" and failed["PRIORITY"] == "4"
+    (low,) = with_id(EventKind.STORAGE_LOW)
+    assert "LINE" not in low and "CALL_ID" not in low and low["PRIORITY"] == "4"
+    # Every record of line1's call carries its line and call id.
+    of_call = [e for e in entries if f"call={call_id}" in e["MESSAGE"]]
+    assert len(of_call) >= 5 and all(e.get("CALL_ID") == call_id for e in of_call)
+
+
+def test_the_message_ids_in_the_docs_are_the_daemons() -> None:
+    from linerec.daemon.events import MESSAGE_IDS
+
+    rows = re.findall(r"^\| `([a-z_]+)` \| `([0-9a-f]{32})` \|$",
+                      (REPO / "docs" / "EVENTS.md").read_text(), re.MULTILINE)
+    assert dict(rows) == {str(kind): message_id for kind, message_id in MESSAGE_IDS.items()}
+    assert len(set(MESSAGE_IDS.values())) == len(MESSAGE_IDS)
