@@ -297,6 +297,8 @@ class Config:
     service_led_pin: int | None = field(default=None, metadata=_range(0, 53))
     """BCM GPIO of the appliance's service LED: steady when ready, blinking when degraded."""
     source: str = field(default="<config>", metadata={"internal": True})
+    reserved_pins: tuple[int, ...] = field(default=(), metadata={"internal": True})
+    """GPIOs the HAT profile's codec holds: no line may use them."""
 
     def lines_on(self, capture: CaptureConfig) -> tuple[LineConfig, ...]:
         return tuple(line for line in self.line if line.capture == capture.name)
@@ -349,6 +351,8 @@ def _schema_of(hint: Any, f: dataclasses.Field[Any]) -> dict[str, Any]:
         kind = optional.get("type")
         if isinstance(kind, str):
             optional["type"] = [kind, "null"]
+        if inner[0] is int:  # a pin: "none" takes away the one a HAT profile sets
+            return {"oneOf": [optional, {"const": "none"}]}
         return optional
     if origin is tuple:
         item = get_args(hint)[0]
@@ -413,9 +417,11 @@ def load_config(path: Path) -> Config:
 def config_from_dict(data: dict[str, Any], *, source: str, base: Path) -> Config:
     """Build a checked Config; relative paths are taken from ``base``. A ``hat`` profile
     is filled in first: what the config sets itself wins."""
+    reserved: tuple[int, ...] = ()
     if "hat" in data:
-        data = with_hat_profile(data, source, base)
-    config = dataclasses.replace(_build(Config, data, source, "", base), source=source)
+        data, reserved = with_hat_profile(data, source, base)
+    config = dataclasses.replace(_build(Config, data, source, "", base), source=source,
+                                 reserved_pins=reserved)
     _check_references(config)
     return config
 
@@ -449,6 +455,8 @@ def _convert(
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         inner = [a for a in get_args(hint) if a is not type(None)]
+        if inner[0] is int and value == "none":
+            return None  # TOML has no null: "none" takes away a pin a HAT profile sets
         return _convert(inner[0], value, f, source, key, base)
     if origin is tuple:
         item = get_args(hint)[0]
@@ -530,7 +538,12 @@ def _check_references(config: Config) -> None:
     if not config.numbers.country_code.isdigit():
         fail("numbers.country_code", "use the digits of the country calling code, like \"31\"")
     names: set[str] = set()
-    pins: dict[int, str] = {}
+    pins: dict[int, str] = {pin: f"a pin of the HAT's codec (profile {config.hat!r} "
+                            f"reserves {', '.join(map(str, config.reserved_pins))})"
+                            for pin in config.reserved_pins}
+    if config.service_led_pin in pins:
+        fail("service_led_pin", f"GPIO {config.service_led_pin} is already used as "
+             f"{pins[config.service_led_pin]}")
     if config.service_led_pin is not None:
         pins[config.service_led_pin] = "service_led_pin"
     if config.storage_guard.floor_mb > config.storage_guard.low_mb:
@@ -633,9 +646,15 @@ def _by_name(tables: tuple[Any, ...], key: str, fail: Callable[[str, str], None]
     return found
 
 
-PROFILE_KEYS = ("description", "overlay", "config_txt", "service_led_pin", "capture",
-                "playback", "line")
+PROFILE_KEYS = ("description", "overlay", "config_txt", "reserved_pins", "service_led_pin",
+                "capture", "playback", "line")
 """What a HAT profile file may hold (hw/profiles/*.toml)."""
+PROFILE_LINE_KEYS = ("name", "capture", "channel", "playback", "playback_channel", "hook_pin",
+                     "ring_pin", "led_pin", "polarity_pin", "hook_active_high",
+                     "ring_active_high", "polarity_active_high", "hook_debounce_ms",
+                     "onhook_confirm_ms")
+"""A profile describes wiring only: what decides whether a call is recorded (disclosures,
+verification, timeouts) stays in the installer's own config."""
 
 
 def hat_profiles() -> dict[str, Path]:
@@ -661,22 +680,46 @@ def load_hat_profile(name: str, source: str, base: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(source, "hat", f"the HAT profile {path} cannot be read: {exc}") \
             from exc
-    unknown = sorted(set(profile) - set(PROFILE_KEYS))
-    if unknown:
-        raise ConfigError(source, "hat", f"the HAT profile {path} has an unknown key "
-                          f"{unknown[0]!r}; known keys: {', '.join(PROFILE_KEYS)}")
+    _check_profile(profile, path, source)
     return profile
 
 
-def with_hat_profile(data: dict[str, Any], source: str, base: Path) -> dict[str, Any]:
+def _check_profile(profile: dict[str, Any], path: Path, source: str) -> None:
+    """A profile's own mistakes name the profile file, not the config that uses it."""
+    def fail(key: str, problem: str) -> None:
+        raise ConfigError(source, "hat", f"the HAT profile {path}: {key}: {problem}")
+
+    for key in sorted(set(profile) - set(PROFILE_KEYS)):
+        fail(key, f"unknown key; known keys: {', '.join(PROFILE_KEYS)}")
+    for key in ("capture", "playback", "line"):
+        tables = profile.get(key, [])
+        if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+            fail(key, f"expected a list of tables ([[{key}]])")
+        for i, table in enumerate(tables):
+            if not isinstance(table.get("name"), str):
+                fail(f"{key}[{i}].name", "missing; every table needs a name")
+            if key == "line":
+                for extra in sorted(set(table) - set(PROFILE_LINE_KEYS)):
+                    fail(f"line[{i}].{extra}", "not a wiring key; a profile's lines may "
+                         f"set only {', '.join(PROFILE_LINE_KEYS)}")
+    reserved = profile.get("reserved_pins", [])
+    if not isinstance(reserved, list) or not all(
+            isinstance(pin, int) and not isinstance(pin, bool) for pin in reserved):
+        fail("reserved_pins", "expected a list of BCM GPIO numbers")
+
+
+def with_hat_profile(data: dict[str, Any], source: str, base: Path
+                     ) -> tuple[dict[str, Any], tuple[int, ...]]:
     """The config's tables laid over its HAT profile's: devices and lines by name, key by
     key. Each [[line]] of the config takes the profile's line of the same name (the lines
-    the installer wired); a line the profile lacks must give its own pins."""
+    the installer wired); a line the profile lacks must give its own pins. Also returns
+    the pins the profile's codec holds."""
     name = data["hat"]
     if not isinstance(name, str) or not name:
         raise ConfigError(source, "hat", "expected the name of a HAT profile in quotes, "
                           f"like \"generic-2line\"; shipped: {', '.join(sorted(hat_profiles()))}")
     profile = load_hat_profile(name, source, base)
+    reserved = tuple(profile.get("reserved_pins", ()))
     merged = dict(data)
     if "service_led_pin" in profile:
         merged.setdefault("service_led_pin", profile["service_led_pin"])
@@ -689,7 +732,7 @@ def with_hat_profile(data: dict[str, Any], source: str, base: Path) -> dict[str,
                        for table in profile.get(key, [])] + list(given.values())
     lines = data.get("line")
     if not isinstance(lines, list) or not all(isinstance(t, dict) for t in lines):
-        return merged
+        return merged, reserved
     wired = {line["name"]: line for line in profile.get("line", [])}
     merged["line"] = []
     for i, line in enumerate(lines):
@@ -699,7 +742,7 @@ def with_hat_profile(data: dict[str, Any], source: str, base: Path) -> dict[str,
                               f"{name!r} (it has {', '.join(wired)}); use one of those names, "
                               "or give this line its own capture, playback and pins")
         merged["line"].append({**wired.get(line.get("name"), {}), **line})
-    return merged
+    return merged, reserved
 
 
 def packaged_disclosure(language: str) -> Path:

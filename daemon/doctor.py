@@ -10,14 +10,22 @@ import os
 import pwd
 import shutil
 import stat
-from collections.abc import Callable, Collection, Mapping
+import subprocess
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Protocol
 
 from linerec.audio.pcm import AudioFileError
-from linerec.daemon.config import Config, ConfigError, LineConfig, disclosure_files, load_config
+from linerec.daemon.config import (
+    Config,
+    ConfigError,
+    LineConfig,
+    disclosure_files,
+    hat_profiles,
+    load_config,
+)
 from linerec.daemon.disclosure import DisclosureLibrary
 from linerec.daemon.runtime import StorageError, check_storage
 from linerec.daemon.storage_guard import MB
@@ -48,7 +56,9 @@ DEVICE_NODES: Mapping[str, str] = {"/dev/snd/controlC*": "audio", "/dev/snd/pcmC
 """The device nodes the service opens, each with the group that should give it the right."""
 STATE_DIRECTORY = Path("/var/lib/linerec")
 """The unit's StateDirectory=: systemd creates it for the service and makes it the service
-user's; with ProtectSystem=strict, the rest of the file system is read-only to the service."""
+user's (what is below it only when it was not the user's: then systemd changes the owner of
+everything in it); with ProtectSystem=strict, the rest of the file system is read-only to the
+service unless a drop-in adds ReadWritePaths=."""
 CONFIGURATION_DIRECTORY = Path("/etc/linerec")
 """The unit's ConfigurationDirectory=: writable to the service (settings changed over MQTT
 are saved there), but left with the owner it has."""
@@ -94,6 +104,49 @@ class Check:
 
 
 @dataclass(frozen=True)
+class UnitSandbox:
+    """The installed unit's file-system protection as systemd has it, drop-ins included."""
+
+    protect_system: str
+    """ProtectSystem= as systemctl shows it: strict in the unit linerec ships."""
+    read_write_paths: tuple[Path, ...] = ()
+    """ReadWritePaths=: what stays writable below a protected part of the file system."""
+
+    def writable(self, path: Path) -> bool:
+        """Whether the unit lets the service write at ``path`` (its StateDirectory= and
+        ConfigurationDirectory= aside, which are the caller's to know)."""
+        protected = {"strict": ("/",), "full": ("/usr", "/boot", "/efi", "/etc"),
+                     "yes": ("/usr", "/boot", "/efi")}.get(self.protect_system, ())
+        return _below(path, self.read_write_paths) or not _below(path, map(Path, protected))
+
+    def describe(self) -> str:
+        paths = " ".join(map(str, self.read_write_paths)) or "none"
+        return f"ProtectSystem={self.protect_system}, ReadWritePaths= {paths}"
+
+
+def systemd_sandbox(unit: str = "linerec.service") -> UnitSandbox | None:
+    """``systemctl show`` of the installed unit's ProtectSystem= and ReadWritePaths=; None
+    where systemd cannot tell: no systemctl, systemd not running, the unit not installed."""
+    try:
+        result = subprocess.run(["systemctl", "show", "-p", "LoadState", "-p", "ProtectSystem",
+                                 "-p", "ReadWritePaths", unit],
+                                capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    values = dict(line.partition("=")[::2] for line in result.stdout.splitlines())
+    if result.returncode != 0 or values.get("LoadState") != "loaded":
+        return None
+    # An entry may start with - (ignored when missing) or + (below RootDirectory=).
+    return UnitSandbox(values.get("ProtectSystem", ""), tuple(
+        Path(entry.lstrip("-+")) for entry in values.get("ReadWritePaths", "").split()))
+
+
+def _below(path: Path, tops: Iterable[Path]) -> bool:
+    """``path`` is one of ``tops`` or lies below one."""
+    return any(path == top or top in path.parents for top in tops)
+
+
+@dataclass(frozen=True)
 class Options:
     """What the checks look for; the defaults are the appliance's."""
 
@@ -107,6 +160,8 @@ class Options:
     clock_synchronised: Callable[[], bool | None] = system_clock_synchronised
     """Asks the kernel whether NTP has synchronised the clock (None: cannot tell)."""
     broker_timeout_s: float = BROKER_TIMEOUT_S
+    unit_sandbox: Callable[[], UnitSandbox | None] = systemd_sandbox
+    """Asks systemd where the installed unit may write (None: cannot tell)."""
 
 
 @dataclass(frozen=True)
@@ -330,6 +385,8 @@ def check_broker(config: Config, timeout_s: float = BROKER_TIMEOUT_S) -> Check:
 class _Identity:
     name: str
     uid: int
+    gid: int
+    """The primary group: the unit's Group=, which systemd gives its StateDirectory=."""
     gids: frozenset[int]
     service: bool
     """The service user as systemd runs it (else this process's own credentials)."""
@@ -364,14 +421,15 @@ def check_service_user(config: Config | None, options: Options | None = None) ->
                 f"let {identity.name} read it (chgrp {identity.name} FILE && chmod g+r FILE), "
                 "and pass every folder above it (x)"))
     if config is not None:
+        sandbox = cache(options.unit_sandbox)  # systemctl once, and only when needed
         findings += _folder_rights(identity, f"storage = {config.storage}", config.storage,
-                                   STATE_DIRECTORY, systemd_owns=True, warning=False)
+                                   STATE_DIRECTORY, sandbox, systemd_owns=True, warning=False)
         if Path(config.source).is_file():
             # config/set over MQTT saves the config beside itself (a new file, renamed).
             folder = Path(config.source).parent
             findings += _folder_rights(identity, f"the config's folder {folder} (settings "
                                        "changed over MQTT are saved there)", folder,
-                                       CONFIGURATION_DIRECTORY, systemd_owns=False,
+                                       CONFIGURATION_DIRECTORY, sandbox, systemd_owns=False,
                                        warning=True)
     detail = (f"{'the service user ' if identity.service else 'this process, as '}"
               f"{identity.name} (uid {identity.uid}) can use {nodes} device node(s) and read "
@@ -386,7 +444,8 @@ def _identity(options: Options, findings: list[_Finding]) -> _Identity | None:
             name = pwd.getpwuid(uid).pw_name
         except KeyError:
             name = str(uid)
-        return _Identity(name, uid, frozenset({os.getegid(), *os.getgroups()}), False)
+        return _Identity(name, uid, os.getegid(), frozenset({os.getegid(), *os.getgroups()}),
+                         False)
     name = options.user or SERVICE_USER
     try:
         entry = pwd.getpwnam(name)
@@ -407,12 +466,17 @@ def _identity(options: Options, findings: list[_Finding]) -> _Identity | None:
                 f"{', '.join(options.groups)} (SupplementaryGroups=), and systemd does not "
                 "start it without them",
                 f"groupadd --system {group}, and give it the device nodes it stands for"))
-    return _Identity(name, entry.pw_uid, frozenset(gids), True)
+    return _Identity(name, entry.pw_uid, entry.pw_gid, frozenset(gids), True)
 
 
 def _files_read(config: Config) -> list[tuple[str, Path]]:
     """The files the daemon reads, each with the key that names it."""
-    files = [("config", Path(config.source))] if Path(config.source).is_file() else []
+    source = Path(config.source)
+    files = [("config", source)] if source.is_file() else []
+    if config.hat and config.hat not in hat_profiles():  # a profile file, not a shipped name
+        # The loader reads it again at every start, relative to the config's folder.
+        hat = Path(config.hat)
+        files.append(("hat", hat if hat.is_absolute() else source.parent / hat))
     for i, disclosure in enumerate(config.disclosure):
         files += [(f"disclosure[{i}].parts[{j}].file", path)
                   for j, path in enumerate(disclosure_files(disclosure))]
@@ -422,48 +486,80 @@ def _files_read(config: Config) -> list[tuple[str, Path]]:
     return files
 
 
-def _folder_rights(identity: _Identity, what: str, folder: Path, unit_directory: Path, *,
-                   systemd_owns: bool, warning: bool) -> list[_Finding]:
-    """The folder (or the one it will be created in) takes new files from the user; and,
-    for the service, lies where the unit's ProtectSystem=strict lets it write."""
-    inside = folder == unit_directory or unit_directory in folder.parents
-    if identity.service and inside and systemd_owns:
-        return []  # systemd creates the unit's directory and makes it the user's
+def _folder_rights(identity: _Identity, what: str, folder: Path, unit_directory: Path,
+                   sandbox: Callable[[], UnitSandbox | None], *, systemd_owns: bool,
+                   warning: bool) -> list[_Finding]:
+    """The folder (or the nearest one above it that exists, in which it will be created)
+    takes new files from the user; and, for the service, lies where the unit's
+    ProtectSystem=strict lets it write."""
+    inside = _below(folder, [unit_directory])
     existing = next(above for above in (folder, *folder.parents) if above.exists())
-    denied = _denied(identity, existing, _W | _X) if existing.is_dir() else \
-        f"{existing} is not a folder"
     findings = []
+    chowned = None
+    if identity.service and inside and systemd_owns:
+        if existing in unit_directory.parents:
+            return []  # systemd creates the unit's directory as the user's, the daemon the rest
+        # systemd changes the owner of what is in the directory only when the directory
+        # itself is not the user's; else what is there keeps its owner and mode.
+        info = unit_directory.stat()
+        if (info.st_uid, info.st_gid) != (identity.uid, identity.gid):
+            chowned = unit_directory
+    denied = _denied(identity, existing, _W | _X, owned_below=chowned) if existing.is_dir() \
+        else f"{existing} is not a folder"
     if denied:
-        findings.append(_Finding(f"{what}: {denied}", f"chown {identity.name} {existing}, or "
-                                 "use a folder the user may write", warning=warning))
+        recursive = "-R " if existing == folder and systemd_owns else ""
+        findings.append(_Finding(f"{what}: {denied}", f"chown {recursive}{identity.name}: "
+                                 f"{existing}, or use a folder the user may write",
+                                 warning=warning))
     if identity.service and not inside:
-        findings.append(_Finding(
-            f"{what}: outside {unit_directory}, the unit's ProtectSystem=strict keeps it "
-            "read-only to the service", f"move it below {unit_directory}, or allow it with "
-            f"ReadWritePaths={folder} in a drop-in (systemctl edit linerec)", warning=True))
+        findings += _sandboxed(what, folder, unit_directory, sandbox(), warning=warning)
     return findings
 
 
-def _denied(identity: _Identity, path: Path, want: int) -> str:
+def _sandboxed(what: str, folder: Path, unit_directory: Path, sandbox: UnitSandbox | None, *,
+               warning: bool) -> list[_Finding]:
+    """A folder outside the unit's own directory. Where systemd answers, one its sandbox
+    keeps read-only fails (only warns with ``warning``); where it cannot, a warning: the
+    doctor cannot see drop-ins on its own."""
+    fix = (f"systemctl edit linerec, add ReadWritePaths={folder} under [Service] (the folder "
+           "must exist when the service starts) and systemctl restart linerec; or move it "
+           f"below {unit_directory}")
+    if sandbox is None:
+        return [_Finding(
+            f"{what}: outside {unit_directory}: under the unit's ProtectSystem=strict the "
+            f"service will fail to write there unless a drop-in adds ReadWritePaths={folder} "
+            "(whether one does, only a running systemd can tell)", fix, warning=True)]
+    if sandbox.writable(folder):
+        return []
+    return [_Finding(f"{what}: outside {unit_directory}, and the unit as systemd has it "
+                     f"({sandbox.describe()}) keeps it read-only: the service will fail to "
+                     "write there", fix, warning=warning)]
+
+
+def _denied(identity: _Identity, path: Path, want: int, *,
+            owned_below: Path | None = None) -> str:
     """Why ``identity`` may not do ``want`` to ``path`` (and pass every folder above it), or
-    an empty string when it may."""
+    an empty string when it may. What is in ``owned_below`` (and it) is taken as the user's:
+    systemd will make it so."""
     steps = [*((folder, _X) for folder in reversed(path.parents)), (path, want)]
     for target, bits in steps:
         try:
             info = target.stat()
         except OSError as exc:
             return f"{target} cannot be looked at: {exc.strerror}"
-        if not _allowed(identity, info, bits):
+        owned = owned_below is not None and _below(target, [owned_below])
+        if not _allowed(identity, info, bits, owned=owned):
             verb = {_X: "pass through", _R: "read", _R | _W: "read and write",
                     _W | _X: "write in"}[bits]
             return f"{identity.name} may not {verb} {target} ({_describe(info)})"
     return ""
 
 
-def _allowed(identity: _Identity, info: os.stat_result, want: int) -> bool:
+def _allowed(identity: _Identity, info: os.stat_result, want: int, *,
+             owned: bool = False) -> bool:
     if identity.uid == 0:
         return True
-    if info.st_uid == identity.uid:
+    if owned or info.st_uid == identity.uid:
         granted = info.st_mode >> 6
     elif info.st_gid in identity.gids:
         granted = info.st_mode >> 3

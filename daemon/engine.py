@@ -41,6 +41,9 @@ class CaptureThread(threading.Thread):
         self.device_error: str | None = None
         """Why the device is gone, while the thread tries to reopen it."""
         self.reopened = 0
+        self.reopen_attempts = 0
+        """Attempts to reopen a failed device: while it is gone, these show the thread is
+        alive and trying (the watchdog counts them as progress)."""
         self.doorbell = threading.Event()
         self.failure: HardwareError | None = None
         self._stopping = False
@@ -93,6 +96,7 @@ class CaptureThread(threading.Thread):
             self.stream.close()
         delay = 0.1
         while not self._stop_event.wait(delay):
+            self.reopen_attempts += 1
             try:
                 stream = self._reopen()
             except Exception:  # whatever the reopen raises, try again later
@@ -140,6 +144,9 @@ class TapEngine(threading.Thread):
         self.lines = lines
         self.position = 0
         """Next capture sample position to process."""
+        self.turns = 0
+        """Turns of the engine's loop: it waits at most 0.5 s for the doorbell, so this
+        rises while the engine is alive, with audio or without."""
         self.done = threading.Event()
         self._clock = clock
         self._period = period
@@ -158,6 +165,7 @@ class TapEngine(threading.Thread):
     def _run(self) -> None:
         doorbell = self.capture.doorbell
         while not self._stopping.is_set():
+            self.turns += 1
             doorbell.clear()
             captured = self.capture.frames_captured
             while captured - self.position >= self._period and not self._stopping.is_set():

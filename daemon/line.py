@@ -947,13 +947,16 @@ class Line:
         self._show_led()
 
     def _show_led(self) -> None:
-        """The LED says what the line does: steady while a recording is open, the fault
-        blink while the line is in fault or its capture device is lost, the storage blink
-        while calls are turned away for want of space, else off."""
+        """The LED says what the line does: the fault blink while its capture device is
+        lost (even with a recording open: nothing reaches it), steady while a recording is
+        open, the fault blink while the line is in fault, the storage blink while calls are
+        turned away for want of space, else off."""
         wanted: tuple[float, float] | str
-        if self.call is not None and self.call.recording is not None:
+        if self._capture_lost:
+            wanted = FAULT_BLINK_S  # a recording open meanwhile is not being fed
+        elif self.call is not None and self.call.recording is not None:
             wanted = "on"
-        elif self.in_fault or self._capture_lost:
+        elif self.in_fault:
             wanted = FAULT_BLINK_S
         elif self._storage_full_shown:
             wanted = STORAGE_FULL_BLINK_S

@@ -66,6 +66,9 @@ class PlaybackThread(threading.Thread):
         self.channels: dict[int, OutputChannel] = {}
         self.doorbell = threading.Event()
         self.failure: HardwareError | None = None
+        self.blocks = 0
+        """Blocks handed to the device (or skipped): the engines queue a period every
+        tick, so this rises as long as the device takes audio."""
         self._stopping = False
 
     def channel(self, index: int, ring: SampleRing) -> OutputChannel:
@@ -93,6 +96,7 @@ class PlaybackThread(threading.Thread):
             block = np.zeros((frames, self.device.channels), dtype=np.int16)
             if catch_up:
                 self.device.skip(block)
+                self.blocks += 1
                 continue
             for output, (samples, ticket, _) in zip(outputs, chunks, strict=True):
                 block[:, output.index] = samples
@@ -100,6 +104,7 @@ class PlaybackThread(threading.Thread):
                     ticket.captured_before_write = output.ring.written
             underruns = self.device.underruns
             self.device.write(block)
+            self.blocks += 1
             if self.device.underruns != underruns:
                 for output in outputs:
                     output.underruns += 1

@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from linerec.audio.pcm import write_wav
 from linerec.audio.ring import SampleRing
@@ -51,6 +51,29 @@ def lock_memory() -> bool:
                        "LimitMEMLOCK=", os.strerror(error))
         return False
     return True
+
+
+class Progress(NamedTuple):
+    """Counters of one capture device's threads, each only ever rising."""
+
+    captured: int
+    """Frames the capture thread copied into the rings."""
+    reopen_attempts: int
+    """Attempts to reopen the device after it failed."""
+    processed: int
+    """Frames the engine worked through."""
+    engine_turns: int
+    """Turns of the engine's loop, audio or not."""
+
+    def advanced_since(self, before: Progress) -> bool:
+        """Both threads are alive: the capture delivered audio (or, with its device gone,
+        tried again to reopen it), and the engine worked through the audio that came (or,
+        with none coming, went round its loop)."""
+        captured = self.captured > before.captured
+        capture_alive = captured or self.reopen_attempts > before.reopen_attempts
+        engine_alive = (self.processed > before.processed if captured
+                        else self.engine_turns > before.engine_turns)
+        return capture_alive and engine_alive
 
 
 class StorageError(RuntimeError):
@@ -282,9 +305,17 @@ class Recorder:
         return {e.capture_name: sum(1 for g in e.capture.gaps if g[2] == "overrun")
                 for e in self.engines}
 
-    def progress(self) -> dict[str, tuple[int, int]]:
-        """Per capture device: frames captured, and frames its engine has worked through."""
-        return {e.capture_name: (e.capture.frames_captured, e.position) for e in self.engines}
+    def progress(self) -> dict[str, Progress]:
+        """Per capture device: how far its capture thread and its engine have come."""
+        return {e.capture_name: Progress(e.capture.frames_captured, e.capture.reopen_attempts,
+                                         e.position, e.turns) for e in self.engines}
+
+    def playback_progress(self) -> dict[str, tuple[int, bool]]:
+        """Per playback device: blocks written (``PlaybackThread.blocks``), and whether it
+        owes the lines something: periods are waiting for it, or it failed."""
+        return {name: (player.blocks, player.failure is not None
+                       or any(c.queue for c in player.channels.values()))
+                for name, player in self.players.items()}
 
     def disclosure_failures(self) -> dict[str, int]:
         return {line.name: line.disclosure_failures for line in self.lines}

@@ -37,18 +37,25 @@ class CaptureWatchdog:
     """Decides when systemd may be told WATCHDOG=1: only when every capture device has
     delivered audio and every engine has worked through it since the last ping. A hung
     driver, a stuck capture thread or a deadlocked engine stops the pings, and systemd
-    (WatchdogSec) restarts the service, which reopens the devices."""
+    (WatchdogSec) restarts the service, which reopens the devices. A device that failed
+    and is being reopened does not stop them while its thread keeps trying: a restart
+    would not bring it back sooner, and would cut off the lines on healthy devices (the
+    lines' LEDs and the health topic say it is gone). A playback device that stops taking
+    audio stops them too: its lines could not play a disclosure, and a restart reopens it."""
 
     def __init__(self, recorder: Recorder, interval_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._recorder = recorder
+        self._interval = interval_s
         # Half of systemd's interval, as sd_watchdog_enabled(3) advises.
         self._every = interval_s / 2
         self._clock = clock
         self._last_ping = clock()
         self._seen = recorder.progress()
+        self._played = recorder.playback_progress()
         self.stalled: list[str] = []
         """Capture devices that did not advance at the last look."""
+        self._told = False
 
     def due(self) -> bool:
         """True when a ping is due and earned; remembers the progress it saw."""
@@ -56,11 +63,25 @@ class CaptureWatchdog:
         if now - self._last_ping < self._every:
             return False
         progress = self._recorder.progress()
-        self.stalled = [name for name, (captured, processed) in progress.items()
-                        if captured <= self._seen[name][0] or processed <= self._seen[name][1]]
+        played = self._recorder.playback_progress()
+        self.stalled = [f"capture {name}" for name, now in progress.items()
+                        if not now.advanced_since(self._seen[name])]
+        # A playback device is stuck when periods wait for it and it took none, or when it
+        # failed (a restart reopens it); with the capture gone no period comes, and an idle
+        # device is not stuck.
+        self.stalled += [f"playback {name}" for name, (blocks, waiting) in played.items()
+                         if waiting and blocks <= self._played[name][0]]
         if self.stalled:
+            if not self._told and now - self._last_ping >= self._interval * 0.75:
+                # Said once the restart is near, not at every look that comes up short.
+                self._told = True
+                logger.error("no progress from %s for %.1f s: the watchdog is not fed, and "
+                             "systemd restarts linerec if this goes on",
+                             ", ".join(self.stalled), now - self._last_ping)
             return False
+        self._told = False
         self._seen = progress
+        self._played = played
         self._last_ping = now
         return True
 
@@ -117,7 +138,6 @@ def serve(recorder: Recorder, notifier: ServiceNotifier, stop: threading.Event, 
             on_ready()
         interval = notifier.watchdog_interval()
         watchdog = CaptureWatchdog(recorder, interval) if interval else None
-        stalled: list[str] = []
         while not stop.wait(TICK_S):
             if finished():
                 return Outcome.FINISHED
@@ -125,15 +145,8 @@ def serve(recorder: Recorder, notifier: ServiceNotifier, stop: threading.Event, 
                 checks.run()
             if restart_pending() and recorder.free():
                 return Outcome.RESTART
-            if watchdog is not None:
-                if watchdog.due():
-                    notifier.watchdog()
-                if watchdog.stalled != stalled:
-                    stalled = watchdog.stalled
-                    if stalled:
-                        # No ping: systemd restarts linerec if this lasts WatchdogSec.
-                        logger.error("capture %s delivers no audio: the watchdog is not "
-                                     "fed", ", ".join(stalled))
+            if watchdog is not None and watchdog.due():
+                notifier.watchdog()
             recorder.show_service_state()
             if recorder.summary() != summary:
                 summary = recorder.summary()

@@ -127,7 +127,14 @@ class SimulatedHat:
         faults = self._capture_faults.setdefault(
             capture.name, _CaptureFaults(self.faults_on(capture.name, "overrun"),
                                          self.faults_on(capture.name, "unplug"),
-                                         self.stalls_on(capture.name)))
+                                         self.stalls_on(capture.name),
+                                         rate=self.rate if self.realtime else 0))
+        if time.monotonic() < faults.gone_until:
+            # Paced to the clock, an unplugged device stays away for its seconds: the
+            # capture thread's reopens fail meanwhile, as on a real HAT.
+            raise HardwareError(f"ALSA device {capture_pcm_name(capture.name)!r} (capture "
+                                f"{capture.name!r}) cannot be opened: no such device "
+                                "(simulated: unplugged)")
         stream = SimulatedCapture(
             dataclasses.replace(capture, device=capture_pcm_name(capture.name)), audio,
             faults)
@@ -307,6 +314,11 @@ class _CaptureFaults:
     overruns: dict[int, int]
     unplugs: dict[int, int]
     stalls: dict[int, float]
+    rate: int = 0
+    """Set when the line is paced to the clock: an unplugged device is then gone for its
+    seconds of wall-clock time."""
+    gone_until: float = 0.0
+    """Monotonic time until which the unplugged device cannot be reopened."""
     position: int = 0
     lost_while_gone: int = 0
 
@@ -329,6 +341,8 @@ class SimulatedCapture(AlsaCapture):
         if gone:
             faults.position += gone
             faults.lost_while_gone = gone
+            if faults.rate:
+                faults.gone_until = time.monotonic() + gone / faults.rate
             raise HardwareError(f"capture device {self.name!r} was unplugged (simulated)")
         hang = faults.stalls.pop(faults.position, 0.0)
         if hang:

@@ -229,6 +229,9 @@ hook_active_high = false
      "not a line of the HAT profile 'generic-2line' (it has line1, line2)"),
     (("", '[[line]]\nname = "line1"\ndisclosure = "welcome"\nring_pin = 26\n'),
      "line[0].ring_pin", "GPIO 26 is already used as service_led_pin"),
+    (("", '[[line]]\nname = "line1"\ndisclosure = "welcome"\nring_pin = 19\n'),
+     "line[0].ring_pin", "GPIO 19 is already used as a pin of the HAT's codec (profile "
+     "'generic-2line' reserves 2, 3, 18, 19, 20, 21)"),
 ])
 def test_profile_mistakes_name_the_key(tmp_path: Path, change: tuple[str, str], key: str,
                                        words: str) -> None:
@@ -297,3 +300,91 @@ def test_the_daemon_reports_failed_start_up_checks_once_until_they_pass(
         assert len([e for e in sink.events if e["event"] == "check_failed"]) == len(failed)
     finally:
         hat.close()
+
+
+def test_a_config_takes_away_what_the_profile_sets_with_none(tmp_path: Path) -> None:
+    """An exchange that does not reverse the polarity: without the input, the answer of
+    an outbound call is heard (ringback, then speech) instead."""
+    path = tmp_path / "linerec.toml"
+    path.write_text(PROFILE_CONFIG.replace('hat = "generic-2line"',
+                                           'hat = "generic-2line"\nservice_led_pin = "none"')
+                    + '[[line]]\nname = "line1"\ndisclosure = "welcome"\n'
+                    'polarity_pin = "none"\n')
+    config = load_config(path)
+    assert config.line[0].polarity_pin is None and config.service_led_pin is None
+    assert config.line[0].hook_pin == 17
+
+
+@pytest.mark.parametrize(("profile", "words"), [
+    ('[[capture]]\ndevice = "hw:0"\n', "capture[0].name: missing"),
+    ('[line]\nname = "line1"\n', "line: expected a list of tables ([[line]])"),
+    ('[[line]]\nname = "line1"\nverify_min_score = 0.05\n',
+     "line[0].verify_min_score: not a wiring key"),
+    ('reserved_pins = "18-21"\n', "reserved_pins: expected a list of BCM GPIO numbers"),
+    ('colour = "red"\n', "colour: unknown key"),
+])
+def test_a_broken_profile_of_ones_own_is_named(tmp_path: Path, profile: str,
+                                               words: str) -> None:
+    (tmp_path / "my-hat.toml").write_text(profile)
+    path = tmp_path / "linerec.toml"
+    path.write_text(PROFILE_CONFIG.replace("generic-2line", "my-hat.toml")
+                    + '[[line]]\nname = "line1"\ndisclosure = "welcome"\n')
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert f"{path}: hat: the HAT profile {tmp_path / 'my-hat.toml'}: {words}" in \
+        str(error.value)
+    result = linerec("check-config", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_a_failed_line_output_stops_the_watchdog_so_that_systemd_reopens_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The playback device goes away (the codec resets): its lines could not disclose,
+    so no more WATCHDOG=1, and systemd's restart reopens it. Until then pings come."""
+    import socket
+    import threading
+
+    notify_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify_path))
+    sock.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    (tmp_path / "recordings").mkdir()
+    config = load_config(sim_config(tmp_path))
+    scenario = load_scenario(write_scenario(tmp_path, step(3.0, "ring"), 7.0),
+                             ["line1", "line2"])
+    hat = SimulatedHat(config, scenario, workdir=tmp_path / "work", realtime=True)
+    sink = Events()
+    broken: list[float] = []
+
+    def break_output() -> None:
+        broken.append(time.monotonic())
+        hat.break_line_output("line1")
+
+    sink.on_event["ringing"] = break_output
+    pings: list[float] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                if sock.recv(4096) == b"WATCHDOG=1":
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        run_simulation(hat, [sink])
+    finally:
+        done.set()
+        reader.join()
+        sock.close()
+    assert broken
+    before = [at for at in pings if at < broken[0]]
+    after = [at for at in pings if at > broken[0] + 0.7]
+    assert len(before) >= 3, pings
+    assert after == [], (broken, pings)

@@ -13,9 +13,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from linerec.daemon.doctor import (
     CHECKS,
     STARTUP_CHECKS,
     Options,
+    UnitSandbox,
     check_alsa,
     check_clock,
     check_disclosures,
@@ -35,6 +36,7 @@ from linerec.daemon.doctor import (
     check_service_user,
     run_checks,
     startup_checks,
+    systemd_sandbox,
 )
 from linerec.hw.base import HardwareError
 from linerec.hw.board import system_clock_synchronised
@@ -57,12 +59,19 @@ channels whatever is asked (a `multi` slave), as a two-line codec would."""
 class Appliance:
     """A folder every user may pass (the config and storage go there), the environment of
     the simulated HAT, and, run as root, a mount namespace in which the service user
-    `linerec` and the groups `audio` and `gpio` exist (this machine's /etc/passwd and
-    /etc/group stay as they are)."""
+    `linerec` (``uid``, ``gid``) and the groups `audio` and `gpio` exist (this machine's
+    /etc/passwd and /etc/group stay as they are): ``binds``, which a test may add to."""
 
     folder: Path
     env: dict[str, str]
-    prefix: list[str]
+    binds: dict[str, Path] = field(default_factory=dict)
+    """Each path of this machine the doctor sees, with the file or folder it sees there."""
+    uid: int = -1
+    gid: int = -1
+
+    @property
+    def prefix(self) -> list[str]:
+        return _mounted(self.binds) if self.binds else []
 
     def config(self, broker: Broker | None = None, **options: Any) -> Path:
         path = config_for(self.folder, broker, **options) if broker else sim_config(self.folder)
@@ -84,32 +93,40 @@ class Appliance:
         return result.returncode, lines, result.stdout
 
 
-def _made_up_users(folder: Path) -> tuple[list[str], int]:
+def _made_up_users(folder: Path) -> tuple[dict[str, Path], int, int]:
     """/etc/passwd and /etc/group with the service user and its groups added where missing;
-    the command prefix that shows them to the doctor, and the service user's uid."""
+    the binds that show them to the doctor, and the service user's uid and gid."""
     passwd, group = Path("/etc/passwd").read_text(), Path("/etc/group").read_text()
     try:
-        uid = pwd.getpwnam("linerec").pw_uid
+        uid, gid = pwd.getpwnam("linerec")[2:4]
     except KeyError:
-        uid = next(n for n in range(990, 900, -1) if not _taken(n))
+        uid = gid = next(n for n in range(990, 900, -1) if not _taken(n))
         passwd += f"linerec:x:{uid}:{uid}::/nonexistent:/usr/sbin/nologin\n"
         group += f"linerec:x:{uid}:\n"
+    added: set[int] = set()
     for name in ("audio", "gpio"):
         try:
             grp.getgrnam(name)
         except KeyError:
-            gid = next(n for n in range(899, 800, -1) if not _taken(n))
-            group += f"{name}:x:{gid}:\n"
+            number = next(n for n in range(899, 800, -1) if not _taken(n) and n not in added)
+            added.add(number)
+            group += f"{name}:x:{number}:\n"
     (folder / "passwd").write_text(passwd)
     (folder / "group").write_text(group)
-    prefix = ["unshare", "--mount", "sh", "-c", 'mount --bind "$1" /etc/passwd && '
-              'mount --bind "$2" /etc/group && shift 2 && exec "$@"', "sh",
-              str(folder / "passwd"), str(folder / "group")]
-    probe = subprocess.run([*prefix, "id", "linerec"], capture_output=True, text=True,
-                           check=False)
+    binds = {"/etc/passwd": folder / "passwd", "/etc/group": folder / "group"}
+    probe = subprocess.run([*_mounted(binds), "id", "linerec"], capture_output=True,
+                           text=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"no mount namespace for a made-up service user: {probe.stderr.strip()}")
-    return prefix, uid
+    return binds, uid, gid
+
+
+def _mounted(binds: Mapping[str, Path]) -> list[str]:
+    """The command prefix that runs a command in a mount namespace of its own, with each
+    path of ``binds`` bind-mounted from what it maps to."""
+    mounts = "".join(f'mount --bind "${i}" {target} && ' for i, target in enumerate(binds, 1))
+    return ["unshare", "--mount", "sh", "-c", f'{mounts}shift {len(binds)} && exec "$@"', "sh",
+            *map(str, binds.values())]
 
 
 def _taken(number: int) -> bool:
@@ -133,13 +150,13 @@ def appliance() -> Iterator[Appliance]:
         env = {**os.environ, "ALSA_CONFIG_PATH": f"/usr/share/alsa/alsa.conf:{asoundrc}",
                "GPIOZERO_PIN_FACTORY": "mock"}
         env.pop("JOURNAL_STREAM", None)
-        prefix: list[str] = []
+        appliance = Appliance(folder, env)
         if os.geteuid() == 0:
             # As root the doctor checks the service user: it must exist, with its storage.
-            prefix, uid = _made_up_users(folder)
+            appliance.binds, appliance.uid, appliance.gid = _made_up_users(folder)
             (folder / "recordings").mkdir(mode=0o750)
-            os.chown(folder / "recordings", uid, uid)
-        yield Appliance(folder, env, prefix)
+            os.chown(folder / "recordings", appliance.uid, appliance.gid)
+        yield appliance
     finally:
         shutil.rmtree(folder)
 
@@ -409,6 +426,132 @@ def test_a_missing_group_of_the_unit_is_named(tmp_path: Path) -> None:
     assert not check.ok
     assert check.problem.startswith("group 'linerec-no-such-group' does not exist: the unit "
                                     "gives the service the groups")
+
+
+
+@pytest.mark.parametrize(("state", "recordings", "denied"), [
+    pytest.param("linerec", "root", True, id="root-owned-recordings"),
+    pytest.param("linerec", None, False, id="recordings-not-there-yet"),
+    pytest.param(None, None, False, id="state-directory-not-there-yet"),
+    pytest.param("root", "root", False, id="state-directory-not-yet-the-users"),
+])
+def test_storage_below_the_state_directory_is_checked_as_systemd_leaves_it(
+        appliance: Appliance, state: str | None, recordings: str | None, denied: bool) -> None:
+    """systemd makes /var/lib/linerec (StateDirectory=) the service user's, and what is in
+    it only when the folder itself was not the user's: a root-owned 0700 recordings/ in a
+    folder that already is stays out of the service's reach (its start-up check says "not
+    writable"). The doctor sees a /var/lib of the test's own, in its mount namespace."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: folders of another owner, and a mount namespace")
+    var_lib = appliance.folder / "var-lib"
+    var_lib.mkdir(mode=0o755)
+    if state is not None:
+        (var_lib / "linerec").mkdir(mode=0o755)
+        if state == "linerec":
+            os.chown(var_lib / "linerec", appliance.uid, appliance.gid)
+    if recordings is not None:
+        (var_lib / "linerec" / "recordings").mkdir(mode=0o700)  # e.g. sudo linerec ...
+    appliance.binds["/var/lib"] = var_lib
+    storage = "/var/lib/linerec/recordings"
+    config = appliance.config()
+    config.write_text(config.read_text().replace(f'storage = "{appliance.folder / "recordings"}"',
+                                                 f'storage = "{storage}"'))
+    status, lines, out = appliance.doctor(config)
+    if denied:
+        assert status == 1
+        assert failed(lines) == only("service-user"), out
+        assert lines["service-user"].startswith(
+            f"FAIL service-user: storage = {storage}: linerec may not write in {storage} "
+            "(owner root, group root, mode 0700)")
+        assert f"fix: chown -R linerec: {storage}," in lines["service-user"]
+    else:
+        assert failed(lines) == only(""), out
+        assert "storage =" not in lines["service-user"]  # the config's folder still warns
+    assert (var_lib / "linerec" / "recordings").exists() == (recordings is not None)
+
+
+@pytest.mark.parametrize("hat", ["my-hat.toml", "absolute"])
+def test_a_hat_profile_file_the_service_user_cannot_read_is_named(appliance: Appliance,
+                                                                  hat: str) -> None:
+    """The loader reads a profile file named by `hat` at every start, as the service user;
+    a shipped profile's name is no file of the config's."""
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody on this machine")
+    profile = appliance.folder / "my-hat.toml"
+    profile.write_text('description = "the installer\'s own HAT"\n')
+    profile.chmod(0o600)
+    config_file = appliance.config()
+    named = str(profile) if hat == "absolute" else hat
+    config_file.write_text(f'hat = "{named}"\n' + config_file.read_text())
+    options = Options(user="nobody", groups=(), device_nodes={}, unit_sandbox=lambda: None)
+    check = check_service_user(load_config(config_file), options)
+    assert not check.ok
+    assert check.problem.startswith(f"hat: nobody may not read {profile} (owner ")
+    assert "mode 0600)" in check.problem
+    assert "let nobody read it (chgrp nobody FILE && chmod g+r FILE)" in check.fix
+    profile.chmod(0o644)
+    assert "hat:" not in check_service_user(load_config(config_file), options).problem
+    config_file.write_text(config_file.read_text().replace(named, "generic-2line"))
+    check = check_service_user(load_config(config_file), options)
+    assert "hat:" not in check.problem and "read 2 file(s)" in check.detail
+
+
+def test_storage_outside_the_state_directory_is_judged_by_the_units_sandbox(
+        tmp_path: Path) -> None:
+    """Where systemd answers, storage its sandbox keeps read-only fails (the config's
+    folder warns); where it cannot, both warn that the service will fail to write there
+    unless a drop-in adds ReadWritePaths=."""
+    config = load_config(sim_config(tmp_path))
+    storage = config.storage
+    me = pwd.getpwuid(os.geteuid()).pw_name
+
+    def check(sandbox: UnitSandbox | None) -> Any:
+        return check_service_user(config, Options(user=me, groups=(), device_nodes={},
+                                                  unit_sandbox=lambda: sandbox))
+
+    cannot_tell = check(None)
+    assert cannot_tell.status == "WARN"
+    assert cannot_tell.problem.startswith(
+        f"storage = {storage}: outside /var/lib/linerec: under the unit's ProtectSystem=strict "
+        f"the service will fail to write there unless a drop-in adds ReadWritePaths={storage}")
+    assert f"the config's folder {tmp_path} (settings changed over MQTT are saved there): " \
+        "outside /etc/linerec: " in cannot_tell.problem
+    assert cannot_tell.fix.startswith(f"systemctl edit linerec, add ReadWritePaths={storage} "
+                                      "under [Service]")
+    read_only = check(UnitSandbox("strict", (Path("/srv/calls"),)))
+    assert read_only.status == "FAIL"
+    assert read_only.problem.startswith(
+        f"storage = {storage}: outside /var/lib/linerec, and the unit as systemd has it "
+        "(ProtectSystem=strict, ReadWritePaths= /srv/calls) keeps it read-only: the service "
+        "will fail to write there; the config's folder")
+    assert check(UnitSandbox("strict", (tmp_path,))).line().startswith("OK   service-user:")
+    assert check(UnitSandbox("full", ())).status == "OK"  # a drop-in loosened it
+    assert UnitSandbox("full", ()).writable(Path("/etc/linerec")) is False
+
+
+def test_systemd_is_asked_for_the_units_sandbox(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `systemctl show` says of the installed unit, drop-ins included; nothing where
+    systemd does not answer or has no such unit. systemctl stands in for systemd, which
+    does not run here."""
+    systemctl = tmp_path / "systemctl"
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    answers = {"loaded": "LoadState=loaded\nProtectSystem=strict\n"
+               "ReadWritePaths=-/srv/calls /mnt/usb\n",
+               "not-found": "LoadState=not-found\nProtectSystem=no\nReadWritePaths=\n"}
+    for state, answer in answers.items():
+        systemctl.write_text(f"#!/bin/sh\nprintf '{answer}'\n")
+        systemctl.chmod(0o755)
+        sandbox = systemd_sandbox()
+        assert sandbox == (UnitSandbox("strict", (Path("/srv/calls"), Path("/mnt/usb")))
+                           if state == "loaded" else None)
+    systemctl.write_text("#!/bin/sh\necho 'System has not been booted with systemd' >&2\n"
+                         "exit 1\n")
+    assert systemd_sandbox() is None
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert systemd_sandbox() is None
 
 
 class BusyHat:

@@ -26,8 +26,13 @@ sed -i '/linerec-data\|\/var\/lib\/linerec/d' "${ROOTFS_DIR}/etc/fstab"
 cat files/fstab >>"${ROOTFS_DIR}/etc/fstab"
 install -m 755 files/linerec-data-setup "${ROOTFS_DIR}/usr/local/sbin/linerec-data-setup"
 install -m 644 files/linerec-data.service "${ROOTFS_DIR}/etc/systemd/system/"
-install -D -m 644 files/linerec-data.conf \
-	"${ROOTFS_DIR}/etc/systemd/system/linerec.service.d/data-partition.conf"
+# linerec and the import of the boot partition's config both run on the data partition
+# alone. The package's linerec-firstboot.service is only ordered after linerec-data.service
+# (on plain Raspberry Pi OS there is none): the drop-in makes it require it here.
+for unit in linerec.service linerec-firstboot.service; do
+	install -D -m 644 files/linerec-data.conf \
+		"${ROOTFS_DIR}/etc/systemd/system/${unit}.d/data-partition.conf"
+done
 install -D -m 644 files/journald.conf "${ROOTFS_DIR}/etc/systemd/journald.conf.d/linerec.conf"
 install -D -m 644 files/watchdog.conf "${ROOTFS_DIR}/etc/systemd/system.conf.d/linerec.conf"
 
