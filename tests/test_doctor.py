@@ -23,7 +23,7 @@ import pytest
 from simhelpers import free_port, sim_config, write_scenario
 from test_mqtt import Broker, config_for, make_certificates
 
-from linerec.daemon.config import load_config
+from linerec.daemon.config import load_config, packaged_disclosure
 from linerec.daemon.doctor import (
     CHECKS,
     STARTUP_CHECKS,
@@ -75,8 +75,14 @@ class Appliance:
 
     def config(self, broker: Broker | None = None, **options: Any) -> Path:
         path = config_for(self.folder, broker, **options) if broker else sim_config(self.folder)
+        # The disclosure from the folder, not from the source tree: a clone in /root (0700)
+        # would be a folder the service user may not pass, on an appliance too.
+        notice = self.folder / "notice-en.wav"
+        shutil.copy(packaged_disclosure("en"), notice)
+        notice.chmod(0o644)
         path.write_text(path.read_text().replace('"hw:CARD=tapHAT"', '"tap"')
-                        .replace('"plughw:CARD=tapHAT"', '"out"'))
+                        .replace('"plughw:CARD=tapHAT"', '"out"')
+                        .replace(f'"{packaged_disclosure("en")}"', f'"{notice}"'))
         return path
 
     def doctor(self, config: Path, *args: str) -> tuple[int, dict[str, str], str]:
