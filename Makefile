@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # What the tests and the demo need from Debian: the C libraries the Python bindings build
 # against or load, the broker, the Opus tools that judge the files, and speech for tests.
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libasound2-dev \
-	libopus0 libsystemd-dev systemd mosquitto opus-tools espeak-ng sox
+	libopus0 libsystemd-dev systemd mosquitto opus-tools espeak-ng sox age
 
 .PHONY: all setup system-packages demo test bench lint typecheck clean
 
@@ -43,7 +43,7 @@ typecheck: setup
 	@mkdir -p build/typecheck/linerec
 	@for p in daemon hw audio; do ln -sfn ../../../$$p build/typecheck/linerec/$$p; done
 	MYPYPATH=build/typecheck $(BIN)/mypy -p linerec.daemon -p linerec.hw -p linerec.audio
-	MYPYPATH=build/typecheck $(BIN)/mypy bench/run.py
+	MYPYPATH=build/typecheck $(BIN)/mypy bench/run.py bench/soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info linerec-sim .pytest_cache .mypy_cache .ruff_cache
@@ -63,3 +63,11 @@ check-package:
 # ShellCheck on every shell script: scripts/, packaging/, image/ and .ci/run.
 lint-shell:
 	scripts/lint-shell
+
+# The soak (docs/RELIABILITY.md, bench/soak-results.json): 2000 simulated calls over four
+# lines faster than real time, then an hour of calls paced to the clock on two lines, every
+# call checked, RSS, descriptors and threads watched. Well over an hour; tests/test_soak.py
+# runs a short version. A smaller one: $(BIN)/python bench/soak.py --calls 400 --paced-s 300
+.PHONY: soak
+soak: setup
+	$(BIN)/python bench/soak.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 
@@ -33,6 +34,12 @@ mark/space decisions flip every few samples, from starting messages."""
 
 MAX_BYTE_GAP_BITS = 16
 """Mark allowed between a stop bit and the next start bit within a message."""
+
+class _Hunt(Enum):
+    GIVEN_UP = "given up"
+    """The message being received is given up: hunt for a new one from the cursor. Not an
+    in-band position: positions may be negative, and -1 is one."""
+
 
 MESSAGE_CALL_SETUP = 0x80
 MESSAGE_SDMF = 0x04
@@ -217,7 +224,7 @@ class FskCallerIdDecoder:
             edge = self._next_start_bit(end) if in_message else self._message_start(end)
             if edge is None:
                 break
-            if edge < 0:
+            if edge is _Hunt.GIVEN_UP:
                 continue
             byte = self._read_byte(edge)
             if byte is None:
@@ -274,8 +281,8 @@ class FskCallerIdDecoder:
         self._cursor = int(absolute[first])
         return self._cursor
 
-    def _next_start_bit(self, end: int) -> int | None:
-        """The start bit of the message's next byte; None to wait for more audio; -1 when
+    def _next_start_bit(self, end: int) -> int | _Hunt | None:
+        """The start bit of the message's next byte; None to wait for more audio; GIVEN_UP when
         the message is given up because the carrier went or the mark between bytes went on
         too long."""
         offset = self._cursor - self._base
@@ -289,7 +296,7 @@ class FskCallerIdDecoder:
         # Hunt for a new message from here; the mark since the stop bit counts towards it.
         self._message = None
         self._last_non_mark = self._cursor - 1
-        return -1
+        return _Hunt.GIVEN_UP
 
     def _read_byte(self, edge: int) -> tuple[int, int, float] | None:
         """UART-style: the byte (-1 for a bad start or stop bit) with the bits sampled where
@@ -345,8 +352,16 @@ def _parse_message(message: bytes, position: int) -> CallerId | None:
                    params.get(PARAM_NUMBER_ABSENCE), position, params.get(PARAM_DATE_TIME))
 
 
+def _printable(text: str | None) -> str | None:
+    """A field as sent, without the control characters a garbled message can carry: they
+    would reach receipts, tags and the log."""
+    return None if text is None else "".join(c for c in text if c.isprintable()).strip()
+
+
 def _caller(number: str, name: str | None, absence_code: str | None, position: int,
             date_time: str | None) -> CallerId:
+    number = _printable(number) or ""
+    name, date_time = _printable(name), _printable(date_time) or None
     # Some exchanges put the reason for absence where the number goes.
     if number in ABSENCE_REASONS:
         absence_code, number = number, ""

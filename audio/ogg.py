@@ -64,6 +64,10 @@ def build_page(
     return bytes(page)
 
 
+OPUS_HEAD_SIZE = 19
+"""Bytes of an OpusHead packet of channel mapping family 0."""
+
+
 def opus_head(*, channels: int, pre_skip: int, input_rate: int) -> bytes:
     """The 19-byte identification header for channel mapping family 0."""
     return struct.pack("<8sBBHIhB", b"OpusHead", 1, channels, pre_skip, input_rate, 0, 0)
@@ -261,6 +265,19 @@ def read_pages(data: bytes) -> list[PageInfo]:
     return pages
 
 
+MAX_PAGE_BYTES = 27 + MAX_LACING + MAX_LACING * 255
+
+
+def _next_whole_page(data: bytes, start: int) -> int | None:
+    """Where the first whole, CRC-checked page at or after ``start`` begins, if any."""
+    at = data.find(b"OggS", start)
+    while at >= 0:
+        if read_pages(data[at : at + MAX_PAGE_BYTES]):
+            return at
+        at = data.find(b"OggS", at + 1)
+    return None
+
+
 def ogg_packets(data: bytes) -> tuple[list[bytes], int]:
     """Every packet of a single-stream Ogg file, joined across pages where one continues
     on the next, and the last page's granule position."""
@@ -282,19 +299,27 @@ def ogg_packets(data: bytes) -> tuple[list[bytes], int]:
 
 
 def parse_opus_tags(packet: bytes) -> dict[str, str]:
-    """The user comments of an OpusTags packet, keys upper-case."""
+    """The user comments of an OpusTags packet, keys upper-case; RepairError when a length
+    in it points past its end."""
     if not packet.startswith(b"OpusTags"):
         raise RepairError("the second page is not OpusTags")
-    (vendor_len,) = struct.unpack_from("<I", packet, 8)
-    at = 12 + vendor_len
-    (count,) = struct.unpack_from("<I", packet, at)
-    at += 4
-    tags = {}
-    for _ in range(count):
-        (length,) = struct.unpack_from("<I", packet, at)
-        key, _, value = packet[at + 4 : at + 4 + length].decode("utf-8", "replace").partition("=")
-        tags[key.upper()] = value
-        at += 4 + length
+    try:
+        (vendor_len,) = struct.unpack_from("<I", packet, 8)
+        at = 12 + vendor_len
+        (count,) = struct.unpack_from("<I", packet, at)
+        at += 4
+        tags = {}
+        for _ in range(count):
+            (length,) = struct.unpack_from("<I", packet, at)
+            if at + 4 + length > len(packet):
+                raise struct.error
+            entry = packet[at + 4 : at + 4 + length].decode("utf-8", "replace")
+            key, _, value = entry.partition("=")
+            tags[key.upper()] = value
+            at += 4 + length
+    except struct.error:
+        raise RepairError("the OpusTags header is damaged: a length in it points past its "
+                          "end") from None
     return tags
 
 
@@ -322,14 +347,25 @@ def repair_stream(path: Path) -> RepairedStream:
     whole audio page is left as it is and reported ``empty``."""
     data = path.read_bytes()
     pages = read_pages(data)
+    end = pages[-1].offset + pages[-1].length if pages else 0
+    damaged = _next_whole_page(data, end + 1)
+    if damaged is not None:
+        # Not a stream cut off at its end: whole pages follow a damaged one. Cutting there
+        # would throw them away; the file is left for a person to look at.
+        raise RepairError(f"{path}: damaged at byte {end}, with whole pages after it (from "
+                          f"byte {damaged}); not cut off by a crash, so not cut back")
     if not pages and data[:4] == b"OggS"[: len(data[:4])]:
         # Nothing whole reached the disk (a power cut right after the file was made).
         return RepairedStream(0, 0, 0, {}, len(data))
-    if len(pages) < 2 or not pages[0].packets or not pages[0].packets[0].startswith(b"OpusHead"):
+    if len(pages) < 2 or not pages[0].packets or len(pages[0].packets[0]) < OPUS_HEAD_SIZE \
+            or not pages[0].packets[0].startswith(b"OpusHead"):
         raise RepairError(f"{path}: no complete Ogg Opus header; nothing to recover")
     head = pages[0].packets[0]
     pre_skip, input_rate = struct.unpack_from("<HI", head, 10)
-    tags = parse_opus_tags(pages[1].packets[0]) if pages[1].packets else {}
+    try:
+        tags = parse_opus_tags(pages[1].packets[0]) if pages[1].packets else {}
+    except RepairError as exc:
+        raise RepairError(f"{path}: {exc}") from None
     last = pages[-1]
     was_complete = bool(last.header_type & HEADER_EOS)
     if len(pages) == 2:

@@ -24,11 +24,15 @@ def read_wav(path: Path, data: bytes | None = None) -> tuple[np.ndarray, int]:
             raw = wav.readframes(wav.getnframes())
     except FileNotFoundError as exc:
         raise AudioFileError(f"{path}: file not found") from exc
-    except (wave.Error, EOFError, OSError) as exc:
+    except (wave.Error, EOFError, OSError, ValueError, RuntimeError) as exc:
+        # The wave module raises RuntimeError for a chunk that runs past the file's end,
+        # and ValueError for a path with a NUL byte in it.
         raise AudioFileError(
-            f"{path}: not a readable PCM WAV file ({exc}); "
+            f"{path}: not a readable PCM WAV file ({exc or type(exc).__name__}); "
             f"convert it with: sox '{path}' -b 16 -c 1 out.wav"
         ) from exc
+    # A file cut off in its data chunk ends with part of a frame: the whole frames are kept.
+    raw = raw[: len(raw) - len(raw) % (width * channels)]
     if width == 1:
         samples = (np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0) / 128.0
     elif width == 2:
@@ -91,6 +95,9 @@ def read_audio_file(path: Path) -> bytes:
         raise AudioFileError(f"{path}: file not found") from exc
     except OSError as exc:
         raise AudioFileError(f"{path}: cannot be read: {exc}") from exc
+    except ValueError as exc:  # a NUL byte in the path
+        raise AudioFileError(f"{str(path)!r} is not a file name ({exc}); give the path of a "
+                             "WAV or Ogg Opus file") from exc
 
 
 def read_audio(path: Path, data: bytes | None = None) -> tuple[np.ndarray, int]:

@@ -97,8 +97,8 @@ class RecordingFile:
         self._encoder = VoiceEncoder(rate=rate, bitrate=bitrate, complexity=complexity)
         self._frame = self._encoder.frame_samples
         self._scale = OPUS_GRANULE_RATE // rate
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._file: BinaryIO = os.fdopen(fd, "wb")
         packets_per_page = max(1, round(page_interval_s * FRAMES_PER_SECOND))
         self._writer = OggOpusWriter(

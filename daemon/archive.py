@@ -31,6 +31,7 @@ from linerec.daemon.paths import (
     CALL_ID_PATTERN,
     RECEIPT_SUFFIX,
     RECORDING_SUFFIX,
+    SEALED_SUFFIX,
     check_call_id,
     receipt_path,
 )
@@ -142,7 +143,12 @@ def resolve_calls(storage: Path, call_ids: Iterable[str]) -> list[Call]:
             call_id = check_call_id(value)
         except ValueError as exc:
             raise ArchiveError(f"{exc}; copy call ids from `linerec recordings find`") from None
-        started = datetime.strptime(call_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        try:
+            started = datetime.strptime(call_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            # The form lets a 13th month or a 25th hour through; no call started then.
+            raise ArchiveError(f"{call_id!r} is not a linerec call id: {call_id[:16]} is not "
+                               "a time; copy call ids from `linerec recordings find`") from None
         path = receipt_path(storage, call_id, started)
         if not path.is_file():
             # Named by its UTC start, but a receipt moved by hand is still found.
@@ -610,8 +616,10 @@ def _export_members(calls: list[Call]) -> list[tuple[str, Path | bytes]]:
 def _write_zip(path: Path, members: list[tuple[str, Path | bytes]]) -> None:
     with zipfile.ZipFile(path, "x") as archive:
         for name, source in members:
-            # Opus is compressed already; the JSON and the index are text.
-            compression = zipfile.ZIP_STORED if name.endswith(".opus") else zipfile.ZIP_DEFLATED
+            # Opus is compressed already, and a sealed recording looks random; the JSON and
+            # the index are text.
+            compression = (zipfile.ZIP_STORED if name.endswith((RECORDING_SUFFIX, SEALED_SUFFIX))
+                           else zipfile.ZIP_DEFLATED)
             if isinstance(source, Path):
                 archive.write(source, name, compress_type=compression)
             else:
@@ -621,7 +629,7 @@ def _write_zip(path: Path, members: list[tuple[str, Path | bytes]]) -> None:
 
 
 def _write_folder(path: Path, members: list[tuple[str, Path | bytes]]) -> None:
-    path.mkdir(mode=0o750)
+    path.mkdir(mode=0o700)
     for name, source in members:
         if isinstance(source, Path):
             shutil.copyfile(source, path / name)

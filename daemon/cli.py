@@ -1,4 +1,4 @@
-"""The `linerec` command: run, check-config, simulate, demo, verify, recordings."""
+"""The `linerec` command: run, check-config, simulate, demo, verify, recordings, decrypt."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -18,6 +19,8 @@ from types import FrameType
 from linerec.daemon import __version__, archive
 from linerec.daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 from linerec.daemon.events import EventBus, EventSink, JsonLinesSink, LogSink
+from linerec.daemon.paths import SEALED_SUFFIX
+from linerec.daemon.receipt import file_sha256
 from linerec.daemon.runtime import Recorder, StorageError
 from linerec.daemon.service import Outcome, StartupChecks, serve
 from linerec.daemon.supervisor import ServiceNotifier, configure_logging
@@ -40,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     configure_logging(args.verbose)
+    # Recordings, receipts, the audit log, the outbox and exports hold personal data: only
+    # their owner may read them (0600, folders 0700), whatever umask linerec inherits.
+    os.umask(0o077)
     return int(args.handler(args))
 
 
@@ -84,6 +90,20 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH,
                         help=f"config file naming the storage (default {DEFAULT_CONFIG_PATH})")
     verify.set_defaults(handler=cmd_verify)
+
+    decrypt = sub.add_parser("decrypt", help="decrypt sealed recordings (.opus.age) with the "
+                             "private key, off the appliance; exit 0, 1 when a file failed, "
+                             "2 usage")
+    decrypt.add_argument("-i", "--identity", type=Path, required=True, metavar="KEYFILE",
+                         help="the age key file (age-keygen) with the private key")
+    decrypt.add_argument("path", type=Path, metavar="FILE_OR_FOLDER",
+                         help="a .opus.age file, or a folder (an export, a copy of the "
+                         "storage) whose .opus.age files are all decrypted")
+    decrypt.add_argument("-o", "--output", type=Path, metavar="OUT",
+                         help="for a file: the .opus to write, or a folder to write it into; "
+                         "for a folder: a folder to write into, keeping the layout "
+                         "(default: beside each sealed file)")
+    decrypt.set_defaults(handler=cmd_decrypt)
 
     recordings = sub.add_parser("recordings", help="find, export, delete, hold or release "
                                 "stored calls (see docs/RECEIPTS.md)")
@@ -304,8 +324,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        lambda config: [DemoPrinter(sys.stdout, config.audio.rate)])
     if status == 0:
         for path in args.recordings:
-            print(f"\nRecording: {Path(path).resolve()}")
-            print(f"Receipt:   {Path(path).resolve().with_suffix('.json')}")
+            recording = Path(path).resolve()
+            print(f"\nRecording: {recording}")
+            print(f"Receipt:   {recording.with_name(recording.name.split('.')[0] + '.json')}")
+        if any(path.endswith(SEALED_SUFFIX) for path in args.recordings):
+            print("Sealed with [encryption]: open it with `linerec decrypt --identity KEYFILE "
+                  "FILE` where the private key is.")
         print("Play it in any Ogg Opus player, e.g. `opusdec --quiet FILE - | aplay` or a browser.")
     return status
 
@@ -471,6 +495,52 @@ def cmd_release(args: argparse.Namespace) -> int:
     storage = _storage(args)
     for call_id in archive.release_calls(storage, args.call_ids, args.reason):
         print(f"released: {call_id}")
+    return 0
+
+
+@_recordings_command
+def cmd_decrypt(args: argparse.Namespace) -> int:
+    from linerec.daemon import encryption
+
+    try:
+        identities = encryption.read_identities(args.identity)
+    except ValueError as exc:
+        raise UsageError(f"--identity: {exc}") from None
+    try:
+        sealed = encryption.sealed_recordings(args.path)
+    except ValueError as exc:
+        raise UsageError(f"FILE_OR_FOLDER: {exc}") from None
+    failed = 0
+    for source in sealed:
+        plain_name = source.name.removesuffix(SEALED_SUFFIX)
+        if args.output is None:
+            target = source.with_name(plain_name)
+        elif args.path.is_file():
+            target = args.output / plain_name if args.output.is_dir() else args.output
+        else:
+            target = args.output / source.relative_to(args.path).with_name(plain_name)
+        problem = expected = None
+        try:
+            # The hash first: a file swapped or damaged since it was sealed is not opened.
+            expected = encryption.hash_in_receipt(source)
+            if expected is not None and file_sha256(source) != expected:
+                problem = "differs from the sha256 in its receipt; not decrypted"
+            elif target.exists():
+                problem = f"{target} exists already; not overwritten"
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                encryption.open_sealed(source, target, identities)
+        except (ValueError, OSError) as exc:
+            problem = str(exc)
+        if problem:
+            failed += 1
+            print(f"linerec: {source}: {problem}", file=sys.stderr)
+        else:
+            checked = "sha256 as in its receipt" if expected else "no receipt beside it to check"
+            print(f"{source} -> {target} ({checked})")
+    if failed:
+        print(f"linerec: {failed} of {len(sealed)} file(s) not decrypted", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -144,7 +144,7 @@ class CommandHandler:
         the storage (``render``: true), for an installer to hear what callers hear."""
         _only(args, {"line": True, "direction": False, "render": False})
         line = _text(args, "line")
-        if not NAME_PATTERN.match(line):
+        if not NAME_PATTERN.fullmatch(line):
             raise BadRequest("args.line", "not a line name")
         direction = args.get("direction", "inbound")
         if direction not in ("inbound", "outbound"):
@@ -234,12 +234,18 @@ def _load(payload: bytes) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise BadRequest("(payload)", 'expected a JSON object: {"request_id": "...", '
                          '"args": {...}}')
+    try:
+        # JSON may escape half a surrogate pair (\ud800): no file, log or reply can hold it.
+        json.dumps(request, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("(payload)", "a string in it is not valid Unicode (a lone "
+                         "surrogate escape)") from None
     return request
 
 
 def _request_id(request: dict[str, Any]) -> str:
     request_id = request.get("request_id")
-    if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
+    if not isinstance(request_id, str) or not REQUEST_ID.fullmatch(request_id):
         raise BadRequest("request_id", "required: 1-64 letters, digits, '_', '.', ':' or '-'")
     return request_id
 

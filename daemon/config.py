@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from linerec.audio.pcm import AudioFileError, audio_seconds
+from linerec.daemon.encryption import check_recipient
 from linerec.daemon.numbers import plain_number
 
 DEFAULT_CONFIG_PATH = Path("/etc/linerec/linerec.toml")
@@ -268,6 +270,13 @@ class StorageGuardConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    recipients: tuple[str, ...]
+    """age X25519 public keys (age1...) every recording is sealed to; the private keys stay
+    off the appliance (`linerec decrypt` opens the recordings elsewhere)."""
+
+
+@dataclass(frozen=True)
 class Config:
     storage: Path
     """Folder where recordings and receipts are written."""
@@ -291,6 +300,9 @@ class Config:
     """Broker settings; without them the daemon runs and only logs its events."""
     storage_guard: StorageGuardConfig = StorageGuardConfig()
     """Free-space thresholds of the storage."""
+    encryption: EncryptionConfig | None = None
+    """Encryption at rest: set, each recording is sealed to these public keys when it is
+    closed; without it recordings stay plain Ogg Opus."""
     hat: str = ""
     """HAT profile that supplies the devices and each line's pins (generic-2line,
     generic-4line, or a profile file's path); keys set in the config override it."""
@@ -411,6 +423,8 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "(syntax)", f"not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(source, "(syntax)", "tables or arrays nested too deeply") from exc
     return config_from_dict(data, source=source, base=path.parent)
 
 
@@ -497,6 +511,9 @@ def _convert(
 
 def _in_range(value: Any, f: dataclasses.Field[Any], source: str, key: str) -> Any:
     lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
+    if isinstance(value, float) and not math.isfinite(value):
+        # TOML has nan and inf; NaN compares false with every bound, so it is named here.
+        raise ConfigError(source, key, f"{value!r} is not a usable number; use {lo} to {hi}")
     if choices is not None and value not in choices:
         allowed = ", ".join(str(c) for c in choices)
         raise ConfigError(source, key, f"{value!r} is not supported; use one of {allowed}")
@@ -515,12 +532,14 @@ def _check_references(config: Config) -> None:
     def fail(key: str, problem: str) -> None:
         raise ConfigError(source, key, problem)
 
-    if not NAME_PATTERN.match(config.device_id):
+    if not NAME_PATTERN.fullmatch(config.device_id):
         fail("device_id", "use 1-32 lower-case letters, digits, '-' or '_'")
     if not config.line:
         fail("line", "no lines configured; add at least one [[line]] table")
     if config.mqtt is not None:
         _check_mqtt(config.mqtt, fail)
+    if config.encryption is not None:
+        _check_encryption(config.encryption, fail)
     captures: dict[str, CaptureConfig] = _by_name(config.capture, "capture", fail)
     outputs: dict[str, PlaybackConfig] = _by_name(config.playback, "playback", fail)
     purposes: dict[str, PurposeConfig] = _by_name(config.purpose, "purpose", fail)
@@ -532,7 +551,7 @@ def _check_references(config: Config) -> None:
         _check_disclosure(disclosure, purposes, source, f"disclosure[{i}]")
     for key in ("never_record", "only_record"):
         for i, rule in enumerate(getattr(config.numbers, key)):
-            if not NUMBER_PATTERN.match(plain_number(rule)):
+            if not NUMBER_PATTERN.fullmatch(plain_number(rule)):
                 fail(f"numbers.{key}[{i}]", f"{rule!r} is not a number rule; use digits, a "
                      "leading +, * for any digits and ? for one digit")
     if not config.numbers.country_code.isdigit():
@@ -554,7 +573,7 @@ def _check_references(config: Config) -> None:
     playback_tap: dict[str, str] = {}
     for i, line in enumerate(config.line):
         where = f"line[{i}]"
-        if not NAME_PATTERN.match(line.name):
+        if not NAME_PATTERN.fullmatch(line.name):
             fail(f"{where}.name", "use 1-32 lower-case letters, digits, '-' or '_'")
         if line.name in names:
             fail(f"{where}.name", f"{line.name!r} is used twice; line names must be unique")
@@ -618,10 +637,10 @@ def _check_references(config: Config) -> None:
 
 
 def _check_mqtt(mqtt: MqttConfig, fail: Callable[[str, str], None]) -> None:
-    if not TOPIC_LEVEL.match(mqtt.topic_prefix):
+    if not TOPIC_LEVEL.fullmatch(mqtt.topic_prefix):
         fail("mqtt.topic_prefix", "use letters, digits, '-', '_' or '/' between levels; no "
              "'+', '#' or spaces")
-    if not TOPIC_LEVEL.match(mqtt.discovery_prefix):
+    if not TOPIC_LEVEL.fullmatch(mqtt.discovery_prefix):
         fail("mqtt.discovery_prefix", "use letters, digits, '-', '_' or '/' between levels")
     if (mqtt.cert_file is None) != (mqtt.key_file is None):
         fail("mqtt.key_file" if mqtt.key_file is None else "mqtt.cert_file",
@@ -634,11 +653,22 @@ def _check_mqtt(mqtt: MqttConfig, fail: Callable[[str, str], None]) -> None:
             fail(f"mqtt.{key}", f"{path} does not exist or is not a file")
 
 
+def _check_encryption(encryption: EncryptionConfig, fail: Callable[[str, str], None]) -> None:
+    if not encryption.recipients:
+        fail("encryption.recipients", "give at least one age public key (age1...), or leave "
+             "out the [encryption] table to keep recordings unencrypted")
+    for i, recipient in enumerate(encryption.recipients):
+        try:
+            check_recipient(recipient)
+        except ValueError as exc:
+            fail(f"encryption.recipients[{i}]", str(exc))
+
+
 def _by_name(tables: tuple[Any, ...], key: str, fail: Callable[[str, str], None]) -> dict[str, Any]:
     """Device tables by their names, which must be well formed and unique."""
     found: dict[str, Any] = {}
     for i, table in enumerate(tables):
-        if not NAME_PATTERN.match(table.name):
+        if not NAME_PATTERN.fullmatch(table.name):
             fail(f"{key}[{i}].name", "use 1-32 lower-case letters, digits, '-' or '_'")
         if table.name in found:
             fail(f"{key}[{i}].name", f"{table.name!r} is used twice; names must be unique")
@@ -677,9 +707,11 @@ def load_hat_profile(name: str, source: str, base: Path) -> dict[str, Any]:
                           "ending in .toml")
     try:
         profile = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(source, "hat", f"the HAT profile {path} cannot be read: {exc}") \
-            from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError: undecodable text, bad TOML (TOMLDecodeError), a NUL in the path.
+        raise ConfigError(source, "hat", f"the HAT profile {path} cannot be read: {exc}; "
+                          "give a shipped profile's name or the path of a readable profile "
+                          "file") from exc
     _check_profile(profile, path, source)
     return profile
 
@@ -727,15 +759,19 @@ def with_hat_profile(data: dict[str, Any], source: str, base: Path
         ours = data.get(key, [])
         if not isinstance(ours, list) or not all(isinstance(t, dict) for t in ours):
             continue  # the loader names the problem
-        given = {t.get("name"): t for t in ours}
+        given = {t["name"]: t for t in ours if isinstance(t.get("name"), str)}
+        unnamed = [t for t in ours if not isinstance(t.get("name"), str)]  # the loader says
         merged[key] = [{**table, **given.pop(table["name"], {})}
-                       for table in profile.get(key, [])] + list(given.values())
+                       for table in profile.get(key, [])] + list(given.values()) + unnamed
     lines = data.get("line")
     if not isinstance(lines, list) or not all(isinstance(t, dict) for t in lines):
         return merged, reserved
     wired = {line["name"]: line for line in profile.get("line", [])}
     merged["line"] = []
     for i, line in enumerate(lines):
+        if not isinstance(line.get("name"), str):
+            merged["line"].append(line)  # the loader names what is wrong with it
+            continue
         if line.get("name") not in wired and "hook_pin" not in line:
             raise ConfigError(source, f"line[{i}].name",
                               f"{line.get('name')!r} is not a line of the HAT profile "
@@ -771,7 +807,7 @@ def _check_disclosure(disclosure: DisclosureConfig, purposes: dict[str, PurposeC
     seconds = disclosure.pause_ms / 1000 * (len(disclosure.parts) - 1)
     for i, part in enumerate(disclosure.parts):
         key = f"{where}.parts[{i}]"
-        if not LANGUAGE_PATTERN.match(part.language):
+        if not LANGUAGE_PATTERN.fullmatch(part.language):
             raise ConfigError(source, f"{key}.language",
                               f"{part.language!r} is not an ISO 639-1 code like nl or en")
         if part.file is None and part.language not in PACKAGED_LANGUAGES:

@@ -150,7 +150,7 @@ class Ledger:
         """Exclusive: the daemon's lines, the retention sweep and the command take turns.
         Each holder keeps the lock for a few small writes and fsyncs only."""
         created = not self.path.exists()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if created:

@@ -26,8 +26,9 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,10 @@ from linerec.audio.ring import RingOverrun, SampleRing
 from linerec.daemon import __version__
 from linerec.daemon.config import AudioConfig, LineConfig
 from linerec.daemon.disclosure import DisclosureLibrary, EchoCheck, PreparedDisclosure
+from linerec.daemon.encryption import RecordingSealer, Sealed, sealed_path
 from linerec.daemon.events import EventBus, EventKind, iso_ms, journal_fields, make_event
 from linerec.daemon.numbers import NEVER_RECORD, STORAGE_FULL, NumberRules
-from linerec.daemon.paths import new_call_id, receipt_path, recording_path
+from linerec.daemon.paths import SEALED_SUFFIX, new_call_id, receipt_path, recording_path
 from linerec.daemon.playback import OutputChannel, WriteTicket
 from linerec.daemon.receipt import file_sha256, seal_receipt, write_receipt
 from linerec.hw.base import BinaryInput, Clock, HardwareError, Indicator, output_latency
@@ -234,6 +236,8 @@ class Call:
     recording_first_sample: int | None = None
     recording_next_sample: int = 0
     recording_summary: dict[str, Any] | None = None
+    recording_seal: Future[Sealed] | None = None
+    """The closed recording's sealing, queued on the sealer (``[encryption]``)."""
     lost_samples: int = 0
     capture_gaps: list[dict[str, Any]] = field(default_factory=list)
     """Audio the capture lost during the recording (overrun, device gone): where, how many
@@ -268,6 +272,7 @@ class Line:
         rules: NumberRules,
         events: EventBus,
         storage_full: Callable[[], bool] = lambda: False,
+        sealer: RecordingSealer | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -288,6 +293,8 @@ class Line:
         self._rules = rules
         self._events = events
         self._storage_full = storage_full
+        self._sealer = sealer
+        """Set (``[encryption]``): each recording is sealed when closed, off this thread."""
         self._led_shown: tuple[float, float] | str = "off"
         self._storage_full_shown = False
         self._capture_lost = False
@@ -817,11 +824,16 @@ class Line:
             return
         call.recording_first_sample = heard.line_end
         call.recording_next_sample = heard.line_end
-        call.recording_summary = {"file": path.name, "status": "recording",
+        # With encryption the receipt names the sealed file from the start: the plaintext
+        # is only ever a stage on the way there.
+        final = sealed_path(path) if self._sealer else path
+        call.recording_summary = {"file": final.name, "status": "recording",
                                   "first_sample": heard.line_end}
+        if self._sealer:
+            call.recording_summary["encrypted"] = self._sealer.description
         self.state = LineState.RECORDING
         self._show_led()
-        self._emit(EventKind.RECORDING_STARTED, heard.line_end, file=str(path))
+        self._emit(EventKind.RECORDING_STARTED, heard.line_end, file=str(final))
         self._save_receipt(call, heard.line_end)
 
     def _recording_tags(self, call: Call) -> dict[str, str]:
@@ -905,10 +917,18 @@ class Line:
             return
         self._show_led()
         duration = round(recording.samples / self._rate, 3)
+        final = recording.path
+        encrypted = None
+        if self._sealer:
+            # Sealed on the sealer's thread; the call's final receipt is queued after it
+            # there and takes the sealed file's hash and size (``_seal_receipt_later``).
+            call.recording_seal = self._sealer.seal(recording.path)
+            final = sealed_path(recording.path)
+            encrypted = self._sealer.description
         call.recording_summary = {
-            "file": recording.path.name,
+            "file": final.name,
             "status": "complete",
-            "sha256": file_sha256(recording.path),
+            "sha256": None if encrypted else file_sha256(recording.path),
             "first_sample": first,
             "end_sample": first + recording.samples,
             "duration_s": duration,
@@ -920,8 +940,10 @@ class Line:
             "capture_gaps": call.capture_gaps,
             "stop_reason": reason,
         }
+        if encrypted:
+            call.recording_summary["encrypted"] = encrypted
         self._emit(EventKind.RECORDING_STOPPED, first + recording.samples,
-                   file=str(recording.path), duration_s=duration, bytes=size, reason=reason)
+                   file=str(final), duration_s=duration, bytes=size, reason=reason)
 
     def _end_call(self, at: int, reason: str) -> None:
         call = self.call
@@ -1120,9 +1142,13 @@ class Line:
                 "failure": call.disclosure_failure,
                 "verification": call.verification,
             },
-            "recording": call.recording_summary,
+            "recording": dict(call.recording_summary) if call.recording_summary else None,
             "linerec_version": __version__,
         }
+        if ended and call.recording_seal is not None and self._sealer is not None:
+            seal = call.recording_seal
+            self._sealer.then(lambda: self._seal_receipt_later(path, receipt, seal))
+            return
         try:
             if ended:
                 seal_receipt(self._storage, path, receipt)
@@ -1130,3 +1156,39 @@ class Line:
                 write_receipt(path, receipt)
         except OSError as exc:
             self._emit(EventKind.ERROR, at, message=f"cannot write the receipt {path}: {exc}")
+
+    def _seal_receipt_later(self, path: Path, receipt: dict[str, Any],
+                            seal: Future[Sealed]) -> None:
+        """On the sealer's thread, after the recording's sealing: the final receipt takes the
+        sealed file's hash and size and joins the chain. Touches nothing of the line's: the
+        line is on its next call by now."""
+        recording = dict(receipt["recording"])
+        call_id = receipt["call_id"]
+        try:
+            sealed = seal.result()
+        except Exception as exc:
+            # The plaintext stays, named by the receipt, so the recording is not lost.
+            plain = path.with_name(recording["file"].removesuffix(SEALED_SUFFIX))
+            recording.pop("encrypted", None)
+            recording.update(file=plain.name, error=f"sealing failed: {exc}")
+            try:
+                recording["sha256"] = file_sha256(plain)
+                recording["bytes"] = plain.stat().st_size
+            except OSError:
+                recording.update(status="missing", sha256=None)
+            self._emit_unsited(EventKind.ERROR, call_id,
+                               message=f"sealing the recording {plain} failed: {exc}; it "
+                               "stays unencrypted")
+        else:
+            recording.update(sha256=sealed.sha256, bytes=sealed.bytes)
+        receipt["recording"] = recording
+        try:
+            seal_receipt(self._storage, path, receipt)
+        except OSError as exc:
+            self._emit_unsited(EventKind.ERROR, call_id,
+                               message=f"cannot write the receipt {path}: {exc}")
+
+    def _emit_unsited(self, kind: EventKind, call_id: str, **fields: Any) -> None:
+        """An event from off the engine thread: dated by the wall clock, no sample."""
+        self._events.emit(make_event(kind, line=self.name, call_id=call_id,
+                                     ts=datetime.now(UTC), **fields))

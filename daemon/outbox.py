@@ -90,7 +90,7 @@ class Outbox:
 
     def _read_acked(self) -> int:
         try:
-            return int(self._acked_path.read_text(encoding="ascii").strip() or 0)
+            return max(0, int(self._acked_path.read_text(encoding="ascii").strip() or 0))
         except FileNotFoundError:
             return 0
         except (OSError, ValueError) as exc:
@@ -104,25 +104,38 @@ class Outbox:
             data = self._path.read_bytes()
         except FileNotFoundError:
             return
-        good = 0
+        kept: list[bytes] = []
+        dropped: list[tuple[int, int]] = []
+        at = 0
         for raw in data.splitlines(keepends=True):
-            try:
-                if not raw.endswith(b"\n"):
-                    raise ValueError("cut off")
-                item = json.loads(raw)
-                entry = OutboxEntry(int(item["seq"]), str(item["topic"]), str(item["payload"]))
-            except (ValueError, KeyError, TypeError):
-                # Only a line a power cut cut off can be bad: it and anything after it go.
-                logger.warning("%s: dropping a damaged line at byte %d (%d bytes)",
-                               self._path, good, len(data) - good)
-                with open(self._path, "r+b") as damaged:
-                    damaged.truncate(good)
-                    os.fsync(damaged.fileno())
-                break
-            good += len(raw)
-            self.last_seq = max(self.last_seq, entry.seq)
-            if entry.seq > self.acked:
-                self._pending[entry.seq] = entry
+            entry = _parse_line(raw)
+            if entry is None:
+                dropped.append((at, len(raw)))
+            else:
+                kept.append(raw)
+                self.last_seq = max(self.last_seq, entry.seq)
+                if entry.seq > self.acked:
+                    self._pending[entry.seq] = entry
+            at += len(raw)
+        if dropped:
+            # A power cut cuts off the last line; a damaged card garbles one anywhere. Only
+            # those go: the events after a garbled line are still sent. Their bytes are not
+            # kept elsewhere (events carry phone numbers, and no retention would reach them).
+            logger.warning("%s: dropping %d damaged line(s) (at byte(s) %s; %d bytes); the "
+                           "%d whole line(s) are kept", self._path, len(dropped),
+                           ", ".join(str(offset) for offset, _ in dropped[:10]),
+                           sum(size for _, size in dropped), len(kept))
+            self._rewrite(b"".join(kept))
+
+    def _rewrite(self, data: bytes) -> None:
+        """Replace the outbox file whole: the old one or the new one, never half of each."""
+        tmp = self._path.with_name(OUTBOX_NAME + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self._path)
+        fsync_dir(self._path.parent)
 
     def _write_acked(self) -> None:
         tmp = self._acked_path.with_name(ACKED_NAME + ".tmp")
@@ -139,3 +152,20 @@ class Outbox:
             os.fsync(fresh.fileno())
         fsync_dir(self._path.parent)
         self._file = open(self._path, "ab")  # noqa: SIM115
+
+
+def _parse_line(raw: bytes) -> OutboxEntry | None:
+    """One outbox line as ``append`` writes it, or None for a line cut off or garbled: the
+    ``seq`` outside and inside the event must agree."""
+    if not raw.endswith(b"\n"):
+        return None
+    try:
+        item = json.loads(raw)
+        seq, topic, payload = item["seq"], item["topic"], item["payload"]
+        event = json.loads(payload)
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    if type(seq) is not int or seq < 1 or not isinstance(topic, str) \
+            or not isinstance(event, dict) or event.get("seq") != seq:
+        return None
+    return OutboxEntry(seq, topic, payload)

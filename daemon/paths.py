@@ -10,6 +10,9 @@ from pathlib import Path
 CALL_ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[a-z0-9][a-z0-9_-]{0,31}-[0-9a-f]{6}$")
 RECORDING_SUFFIX = ".opus"
 RECEIPT_SUFFIX = ".json"
+SEALED_SUFFIX = ".age"
+"""A recording sealed to the installer's public keys (``[encryption]``) is
+``<call_id>.opus.age``: the Ogg Opus file inside an age file."""
 
 
 def new_call_id(line: str, started: datetime) -> str:

@@ -3,7 +3,7 @@
 A change is checked by the same loader as the file, written to the file atomically, and
 applied without dropping calls: what a line does on a call (its disclosures, number rules,
 timeouts) changes when that line has no call; what the devices are (ALSA, GPIO pins, audio,
-storage, broker) is saved and applies at the next restart, and the reply says which.
+storage, broker, encryption) is saved and applies at the next restart, and the reply says which.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def merge_patch(target: Any, patch: Any) -> Any:
 def read_config_data(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise ConfigError(str(path), "(file)", f"cannot be read: {exc}") from exc
 
 
@@ -77,7 +77,7 @@ def changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
     live: list[str] = []
     restart: list[str] = []
     for name in ("storage", "device_id", "audio", "capture", "playback", "mqtt", "hat",
-                 "service_led_pin", "storage_guard"):
+                 "service_led_pin", "storage_guard", "encryption"):
         if getattr(old, name) != getattr(new, name):
             restart.append(name)
     for name in LIVE:

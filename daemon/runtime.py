@@ -18,6 +18,7 @@ from linerec.audio.ring import SampleRing
 from linerec.daemon.archive import RETENTION_INTERVAL_S, RetentionSweeper
 from linerec.daemon.config import CaptureConfig, Config
 from linerec.daemon.disclosure import DisclosureLibrary
+from linerec.daemon.encryption import RecordingSealer
 from linerec.daemon.engine import CaptureThread, TapEngine
 from linerec.daemon.events import EventBus
 from linerec.daemon.line import Line
@@ -83,7 +84,7 @@ class StorageError(RuntimeError):
 def check_storage(storage: Path) -> None:
     """Recordings must be writable before the first call, not found out during it."""
     try:
-        storage.mkdir(parents=True, exist_ok=True, mode=0o750)
+        storage.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryFile(dir=storage):
             pass
     except OSError as exc:
@@ -105,6 +106,9 @@ class Recorder:
         self.retention_interval_s = retention_interval_s
         """Time between retention sweeps (seconds); the first runs at start."""
         self.sweeper: RetentionSweeper | None = None
+        self.sealer = (RecordingSealer(config.encryption.recipients)
+                       if config.encryption is not None else None)
+        """Seals closed recordings to the installer's public keys (``[encryption]``)."""
         self.guard = StorageGuard(config.storage, config.storage_guard, events,
                                   on_low=self._sweep_now)
         self.service_led: Indicator | None = None
@@ -127,7 +131,8 @@ class Recorder:
 
     def _start(self) -> None:
         check_storage(self.config.storage)
-        recover_interrupted(self.config.storage, self.events)
+        recover_interrupted(self.config.storage, self.events,
+                            recipients=self.sealer.recipients if self.sealer else ())
         # Before the first call can come: a full card turns calls away from the start.
         self.guard.check()
         if self.config.service_led_pin is not None:
@@ -184,6 +189,7 @@ class Recorder:
                     rules=rules,
                     events=self.events,
                     storage_full=lambda: self.guard.refusing,
+                    sealer=self.sealer,
                 ))
             capture = CaptureThread(
                 capture_config.name, stream, rings, priority=audio.capture_priority,
@@ -331,8 +337,8 @@ class Recorder:
         return any(engine.done.is_set() for engine in self.engines)
 
     def stop(self) -> None:
-        """Stop in reverse order of start: retention sweep, engines, open calls, capture,
-        devices.
+        """Stop in reverse order of start: retention sweep, engines, open calls (and the
+        sealing of their recordings), capture, devices.
         Safe after a start that failed half-way."""
         self.guard.stop()
         if self.sweeper is not None:
@@ -355,6 +361,9 @@ class Recorder:
                 stuck.add(engine.capture_name)
             else:
                 engine.shutdown_lines()
+        if self.sealer is not None:
+            # The calls just closed queued their recordings' sealing and final receipts.
+            self.sealer.close()
         for name, player in self.players.items():
             if player.ident is None:
                 continue

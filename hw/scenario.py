@@ -46,7 +46,13 @@ CALLER_ID_FORMATS = ("dtmf", "fsk")
 DTMF_CLIP_FORMS = ("A", "D", "#")
 ABSENCE = ("private", "unavailable")
 DIGITS = "0123456789*#ABCD"
+MAX_DIGITS = 64
+"""Longest digit string of one dtmf or pulse step."""
 MAX_CALLER_NAME = 50
+MAX_CALLER_NUMBER = 20
+"""ETSI EN 300 659-3's longest calling line identity."""
+GAIN_DB = (-100.0, 40.0)
+"""Lowest and highest gain of a step's audio or tone (decibels)."""
 
 
 class ScenarioError(ValueError):
@@ -185,6 +191,9 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
         raise ScenarioError(f"{path}: cannot be read: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError:
+        # tomllib recurses once per nesting level of an array or inline table.
+        raise ScenarioError(f"{path}: not valid TOML: nested too deeply") from None
 
     def fail(key: str, problem: str) -> ScenarioError:
         return ScenarioError(f"{path}: {key}: {problem}")
@@ -207,7 +216,7 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
         if not isinstance(raw, dict):
             raise fail(where, "expected a table")
         do = raw.get("do")
-        if do not in STEP_KEYS:
+        if not isinstance(do, str) or do not in STEP_KEYS:
             raise fail(f"{where}.do", f"required: one of {', '.join(STEP_KEYS)}")
         allowed = STEP_KEYS[do]
         for key in raw:
@@ -227,8 +236,10 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
         params = {k: v for k, v in raw.items() if k not in ("at", "line", "do")}
         if "until" in params:
             until = params["until"]
-            if isinstance(until, bool) or not isinstance(until, int | float) or until <= at:
-                raise fail(f"{where}.until", "expected seconds from the start, after 'at'")
+            if isinstance(until, bool) or not isinstance(until, int | float) \
+                    or not at < until <= duration:
+                raise fail(f"{where}.until", "expected seconds from the start, after 'at' "
+                           f"and at most the duration ({duration})")
         if "frames" in params and (isinstance(params["frames"], bool)
                                    or not isinstance(params["frames"], int)
                                    or not 0 < params["frames"] <= 10 * 48000):
@@ -238,8 +249,10 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
                                     or not 0 < params["seconds"] <= 60):
             raise fail(f"{where}.seconds", "expected seconds the device stays away, up to 60")
         if "gain_db" in params and (isinstance(params["gain_db"], bool)
-                                    or not isinstance(params["gain_db"], int | float)):
-            raise fail(f"{where}.gain_db", "expected a number of decibels")
+                                    or not isinstance(params["gain_db"], int | float)
+                                    or not GAIN_DB[0] <= params["gain_db"] <= GAIN_DB[1]):
+            raise fail(f"{where}.gain_db", f"expected a number of decibels, {GAIN_DB[0]:g} "
+                       f"to {GAIN_DB[1]:g}")
         _check_signal_params(params, do, f"{where}", fail)
         if "file" in params:
             if not isinstance(params["file"], str):
@@ -268,8 +281,9 @@ def _check_signal_params(params: dict[str, Any], do: str, where: str,
     if "digits" in params:
         digits = params["digits"]
         allowed = "0123456789" if do == "pulse" else DIGITS
-        if not isinstance(digits, str) or not digits or any(d not in allowed for d in digits):
-            raise fail(f"{where}.digits", f"expected a string of the digits {allowed}")
+        if not isinstance(digits, str) or not 0 < len(digits) <= MAX_DIGITS \
+                or any(d not in allowed for d in digits):
+            raise fail(f"{where}.digits", f"expected 1 to {MAX_DIGITS} of the digits {allowed}")
     for key in ("number", "name"):
         if key in params and not isinstance(params[key], str):
             raise fail(f"{where}.{key}", "expected a string in quotes")
@@ -279,9 +293,11 @@ def _check_signal_params(params: dict[str, Any], do: str, where: str,
                 or not all(ord(c) < 256 for c in name):
             raise fail(f"{where}.name", f"expected 1 to {MAX_CALLER_NAME} printable Latin-1 "
                        "characters (what an FSK caller id carries)")
-    if do == "callerid" and "number" in params and not all(
-            c in "+0123456789" for c in params["number"]):
-        raise fail(f"{where}.number", "expected digits, with an optional leading +")
+    if do == "callerid" and "number" in params and (
+            not 0 < len(params["number"]) <= MAX_CALLER_NUMBER
+            or not all(c in "+0123456789" for c in params["number"])):
+        raise fail(f"{where}.number", f"expected 1 to {MAX_CALLER_NUMBER} digits, with an "
+                   "optional leading +")
     if do == "callerid" and params.get("format", "dtmf") == "dtmf" \
             and "+" in params.get("number", ""):
         raise fail(f"{where}.number", "DTMF CLIP has no +: give the national number, or use "

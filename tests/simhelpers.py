@@ -184,3 +184,7 @@ def receipts(tmp_path: Path) -> list[dict[str, Any]]:
     return found
 
 
+def start_again(tmp_path: Path, config: Path) -> list[dict[str, Any]]:
+    """The events of a start on the same storage with no call (a short simulation): what the
+    start-up recovery reports."""
+    return run_sim(tmp_path, write_scenario(tmp_path, "", duration=0.2), config)
