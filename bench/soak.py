@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from collections import defaultdict
@@ -874,56 +875,78 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         SECTION,
         "",
-        f"Measured by `{results['command']}` on {results['machine']} ({results['date']}): "
-        f"{size}. `make soak` runs the full size ({FULL_CALLS} calls over {FULL_LINES} lines "
-        f"unpaced, then {FULL_PACED_S:.0f} s paced on {FULL_PACED_LINES} lines; well over an "
-        "hour); `tests/test_soak.py` runs a short version in `make test`. Raw figures in "
-        "`bench/soak-results.json`.",
+        *_wrap(f"Measured by `{results['command']}` on {results['machine']} "
+               f"({results['date']}): {size}. `make soak` runs the full size ({FULL_CALLS} "
+               f"calls over {FULL_LINES} lines unpaced, then {FULL_PACED_S:.0f} s paced on "
+               f"{FULL_PACED_LINES} lines; well over an hour); `tests/test_soak.py` runs a "
+               "short version in `make test`. Raw figures in `bench/soak-results.json`."),
         "",
-        "Each part is one `linerec simulate` process, the real daemon on the simulated HAT, "
-        "run as systemd runs it (`NOTIFY_SOCKET`; `WATCHDOG_USEC` when paced), on a generated "
-        "scenario: per line, calls one after another with random gaps (1.5-5 s), inbound "
-        "(ringing 0.5-8 s, with no caller id, DTMF CLIP or FSK caller id) or outbound (DTMF "
-        "dialling, 1-3 ringback bursts, answered by polarity reversal on the lines with a "
-        "polarity input and by the far end speaking on the others), the far end's espeak-ng "
-        "speech after the English disclosure, on-hook 0.3-2.5 s after it; one missed call "
-        f"after every {MISSED_EVERY} answered ones. Lines are in pairs on two-channel capture "
-        "devices, each pair with its own line output, so calls overlap across lines and "
-        "devices at random.",
+        *_wrap("Each part is one `linerec simulate` process, the real daemon on the simulated "
+               "HAT, run as systemd runs it (`NOTIFY_SOCKET`; `WATCHDOG_USEC` when paced), on "
+               "a generated scenario: per line, calls one after another with random gaps "
+               "(1.5-5 s), inbound (ringing 0.5-8 s, with no caller id, DTMF CLIP or FSK "
+               "caller id) or outbound (DTMF dialling, 1-3 ringback bursts, answered by "
+               "polarity reversal on the lines with a polarity input and by the far end "
+               "speaking on the others), the far end's espeak-ng speech after the English "
+               "disclosure, on-hook 0.3-2.5 s after it; one missed call after every "
+               f"{MISSED_EVERY} answered ones. Lines are in pairs on two-channel capture "
+               "devices, each pair with its own line output, so calls overlap across lines "
+               "and devices at random."),
         "",
         "| figure | unpaced | paced |",
         "| --- | --- | --- |",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
-        "- **Every call**: exactly one of each of its events in order, the start and end dated "
-        f"within {DATED_TO_S * 1000:.0f} ms of the scripted off-hook and on-hook, the answer "
-        "told by what the script did, a recording and a sealed receipt (state, direction, "
-        "number and its source, no lost samples or capture gaps), the recording's samples "
-        "holding all the far end said; no call the script did not make, no `error`, "
-        "`disclosure_failed` or `line_fault`, nothing logged at ERROR.",
-        "- **Resources** from `/proc/<pid>` of the daemon process every 0.1 s (unpaced) or "
-        "1 s (paced). RSS is compared as medians of the first and last tenth of the samples "
-        "between the idle stretches; descriptors and threads are compared exactly at two idle "
-        "moments, after each line's first call (the one-time set-up done) and after the last "
-        "call, where nothing but a leak can differ. Unpaced, the capture devices hang for "
-        f"{STALL_S:g} s in each idle stretch (a scenario `stall`), so that the daemon holds "
-        "still while it is counted. The process includes the simulated HAT (its line threads "
-        "and the scenario's decoded audio, allocated before READY=1).",
-        f"- **Bound**: RSS growth <= {RSS_BOUND_MB:g} MB (the issue's target), descriptors and "
-        "threads equal idle to idle.",
-        "- **Overruns**: the simulated tap runs in lock-step with the daemon, so it cannot "
-        "overrun by itself (an overrun there is only what a scenario injects); the count "
-        "from `STATUS=` and the receipts' capture gaps show that none was reported. What the "
-        "paced part measures instead is whether the daemon kept up with the clock: "
-        "`disclosure_started` goes out in the tick its sample belongs to, so its delay behind "
-        "the line's clock is the daemon's lag; on a real HAT a capture thread more than the "
-        "ALSA buffer (160 ms) behind overruns.",
+        *_wrap("**Every call**: exactly one of each of its events in order, the start and end "
+               f"dated within {DATED_TO_S * 1000:.0f} ms of the scripted off-hook and "
+               "on-hook, the answer told by what the script did, a recording and a sealed "
+               "receipt (state, direction, number and its source, no lost samples or capture "
+               "gaps), the recording's samples holding all the far end said; no call the "
+               "script did not make, no `error`, `disclosure_failed` or `line_fault`, nothing "
+               "logged at ERROR.", bullet=True),
+        *_wrap("**Resources** from `/proc/<pid>` of the daemon process every 0.1 s (unpaced) "
+               "or 1 s (paced). RSS is compared as medians of the first and last tenth of the "
+               "samples between the idle stretches; descriptors and threads are compared "
+               "exactly at two idle moments, after each line's first call (the one-time "
+               "set-up done) and after the last call, where nothing but a leak can differ. "
+               f"Unpaced, the capture devices hang for {STALL_S:g} s in each idle stretch (a "
+               "scenario `stall`), so that the daemon holds still while it is counted. The "
+               "process includes the simulated HAT: its line threads, the scenario's decoded "
+               "audio and the exchange's signals, all allocated before READY=1.", bullet=True),
+        *_wrap(f"**Bound**: RSS growth <= {RSS_BOUND_MB:g} MB (the issue's target), "
+               "descriptors and threads equal idle to idle.", bullet=True),
+        *_wrap("**RSS over the unpaced calls**, median of each tenth: "
+               + ", ".join(f"{v:g}" for v in unpaced["resources"].get("rss_mb_by_tenth", []))
+               + f" MB: {_per_100_calls(unpaced):.2f} MB per 100 calls; at that rate the "
+               f"full {FULL_CALLS} calls would add {_per_100_calls(unpaced) * FULL_CALLS / 100:.1f}"
+               " MB.", bullet=True),
+        *_wrap("**Overruns**: the simulated tap runs in lock-step with the daemon, so it cannot "
+               "overrun by itself (an overrun there is only what a scenario injects); the "
+               "count from `STATUS=` and the receipts' capture gaps show that none was "
+               "reported. What the paced part measures instead is whether the daemon kept up "
+               "with the clock: `disclosure_started` goes out in the tick its sample belongs "
+               "to, so its delay behind the line's clock is the daemon's lag; on a real HAT a "
+               "capture thread more than the ALSA buffer (160 ms) behind overruns.",
+               bullet=True),
         "",
     ]
     if failures:
         lines += ["Checks that failed in this run:", "",
                   *[f"- {f}" for f in failures[:20]], ""]
     return "\n".join(lines)
+
+
+def _wrap(text: str, *, bullet: bool = False) -> list[str]:
+    """A paragraph (or a list item) wrapped as the rest of the document is."""
+    return textwrap.wrap(text, width=95, initial_indent="- " if bullet else "",
+                         subsequent_indent="  " if bullet else "", break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def _per_100_calls(part: dict[str, Any]) -> float:
+    """RSS growth per 100 calls: first tenth to last tenth spans nine tenths of them."""
+    growth = part["resources"].get("rss_growth_mb", 0.0)
+    return float(growth) / (0.9 * part["answered_calls"]) * 100
 
 
 def write_section(path: Path, section: str) -> None:
@@ -957,7 +980,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", action="store_true",
                         help="run both parts at once (quicker; the unpaced part then shares "
                              "the machine with the paced one)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the section again from the figures in --out; run nothing")
     args = parser.parse_args(argv)
+    if args.report_only:
+        write_section(args.report, report(json.loads(args.out.read_text())))
+        return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="linerec-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
