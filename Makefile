@@ -7,7 +7,8 @@ BIN := $(VENV)/bin
 # What the tests and the demo need from Debian: the C libraries the Python bindings build
 # against or load, the broker, the Opus tools that judge the files, and speech for tests.
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libasound2-dev \
-	libopus0 libsystemd-dev systemd mosquitto opus-tools espeak-ng sox age
+	libopus0 libsystemd-dev systemd mosquitto opus-tools espeak-ng sox age faketime \
+	stress-ng
 
 .PHONY: all setup system-packages demo test bench lint typecheck clean
 
@@ -43,7 +44,7 @@ typecheck: setup
 	@mkdir -p build/typecheck/linerec
 	@for p in daemon hw audio; do ln -sfn ../../../$$p build/typecheck/linerec/$$p; done
 	MYPYPATH=build/typecheck $(BIN)/mypy -p linerec.daemon -p linerec.hw -p linerec.audio
-	MYPYPATH=build/typecheck $(BIN)/mypy bench/run.py bench/soak.py
+	MYPYPATH=build/typecheck:tests $(BIN)/mypy bench/run.py bench/soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info linerec-sim .pytest_cache .mypy_cache .ruff_cache

@@ -29,6 +29,16 @@ longest on-hook confirmation (2 s) and the longest period (4096 frames at 8 kHz)
 room to spare."""
 
 
+WRITE_BUFFER_BYTES = 128 * 1024
+"""The file's buffer: larger than all the pages one write can make (8 s of audio, the
+ring, is 64 kB at the highest bitrate), so that a page only ever reaches the file through
+the explicit flush. A flush that fails (the disk full) keeps the bytes it could not write,
+and the next flush (at close, once the storage guard's reserve has freed room) writes
+them: the recording is closed with everything it had. A flush inside ``write`` of the
+buffer itself would instead refuse the page it was handed, which the Ogg writer already
+counts as written."""
+
+
 class _Syncer(threading.Thread):
     """fdatasync off the engine thread. An SD card can take hundreds of milliseconds to
     sync; the engine meanwhile has disclosures to keep playing and other lines to encode.
@@ -77,6 +87,9 @@ class RecordingFile:
     process loses at most the page being filled) and to the disk every ``fsync_interval_s``
     of audio (a power cut loses at most that). The final name only ever holds a complete
     stream with its EOS page; what a crash leaves behind is the ``.part``.
+
+    The folder must exist: the line makes the call's folder (``paths.make_call_folder``),
+    which never makes the storage itself again.
     """
 
     def __init__(
@@ -97,9 +110,8 @@ class RecordingFile:
         self._encoder = VoiceEncoder(rate=rate, bitrate=bitrate, complexity=complexity)
         self._frame = self._encoder.frame_samples
         self._scale = OPUS_GRANULE_RATE // rate
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.part_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file: BinaryIO = os.fdopen(fd, "wb")
+        self._file: BinaryIO = os.fdopen(fd, "wb", buffering=WRITE_BUFFER_BYTES)
         packets_per_page = max(1, round(page_interval_s * FRAMES_PER_SECOND))
         self._writer = OggOpusWriter(
             self._file,
@@ -129,7 +141,9 @@ class RecordingFile:
         """Input samples handed to the recording so far (its length, once closed)."""
 
     def write(self, samples: np.ndarray) -> None:
-        """Encode whole 20 ms frames; a partial frame waits for the next call."""
+        """Encode whole 20 ms frames; a partial frame waits for the next call. An OSError
+        (the disk full, say) leaves the samples encoded and their pages buffered: ``close``
+        may still finish the stream with them once there is room."""
         if self.sync_error is not None:
             raise self.sync_error
         self.samples += len(samples)

@@ -35,7 +35,7 @@ from linerec.daemon.paths import (
     check_call_id,
     receipt_path,
 )
-from linerec.daemon.receipt import SEALED_STATES, file_sha256
+from linerec.daemon.receipt import CORRUPT_SUFFIX, SEALED_STATES, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -694,6 +694,12 @@ def verify(storage: Path) -> Verification:
                     strays.get(call_id))
     for found in per_call.values():
         breaks.extend(found)
+    breaks.extend(
+        Break(path, "a receipt that could not be read at start-up, moved aside (the daemon "
+              "made a new one from what was left, or the audit log still names the lost "
+              "one): compare it with a backup, restore the receipt if one is missing, then "
+              "remove this file")
+        for path in sorted(storage.glob(f"*/*/*/*{RECEIPT_SUFFIX}{CORRUPT_SUFFIX}*")))
     return Verification(breaks, len(state.receipts), len(state.deleted), state.lines)
 
 

@@ -479,7 +479,12 @@ def _convert(
                 raise ConfigError(source, key, 'expected a list of strings, like ["a", "b"]')
             return tuple(value)
         if not isinstance(value, list):
-            raise ConfigError(source, key, f"expected a list of tables ([[{key}]])")
+            # A TOML header names no index: a [[disclosure.parts]] under the second
+            # [[disclosure]] belongs to it.
+            header = re.sub(r"\[\d+\]", "", key)
+            leaf = key.rsplit(".", 1)[-1]
+            raise ConfigError(source, key, f"expected a list of tables: [[{header}]] "
+                              f"sections, or {leaf} = [{{ ... }}, {{ ... }}]")
         return tuple(
             _build(item, v, source, f"{key}[{i}]", base) for i, v in enumerate(value)
         )

@@ -330,13 +330,16 @@ def check_clock(clock_synchronised: Callable[[], bool | None]) -> Check:
 
 
 def check_broker(config: Config, timeout_s: float = BROKER_TIMEOUT_S) -> Check:
-    """The broker accepts a connection with the config's host, port, TLS and credentials."""
+    """The broker accepts a connection with the config's host, port, TLS and credentials,
+    and lets linerec read and write its own topics."""
     mqtt = config.mqtt
     if mqtt is None:
         return Check("broker", True, detail="no [mqtt] table: events go to the journal only")
     from linerec.daemon.mqtt import probe_broker  # paho only where a broker is set
 
-    outcome, said = probe_broker(mqtt, f"linerec-{config.device_id}-doctor", timeout_s)
+    base = f"{mqtt.topic_prefix}/{config.device_id}"
+    outcome, said = probe_broker(mqtt, f"linerec-{config.device_id}-doctor", timeout_s,
+                                 echo_topic=f"{base}/doctor")
     where = f"{mqtt.host}:{mqtt.port}"
     source = config.source
     who = f"user {mqtt.username!r}" if mqtt.username else "an anonymous connection"
@@ -351,6 +354,12 @@ def check_broker(config: Config, timeout_s: float = BROKER_TIMEOUT_S) -> Check:
     elif outcome == "refused-credentials":
         problem = f"mqtt.username: the broker {where} refused {who}: {said}"
         fix = f"set mqtt.username and mqtt.password in {source} to a user of the broker"
+    elif outcome == "no-echo":
+        problem = (f"mqtt: {where} accepted {who}, but a message to {base}/doctor did not "
+                   f"come back ({said}): the broker's ACL keeps linerec from reading or "
+                   "writing its own topics, and events would wait in the outbox")
+        fix = (f"let {who} read and write {base}/# in the broker's ACL "
+               "(docs/MQTT.md)")
     elif outcome == "refused":
         problem = f"mqtt: the broker {where} refused the connection: {said}"
         fix = ('set mqtt.protocol = "3.1.1"' if "protocol" in said.lower()

@@ -24,6 +24,7 @@ recording at the first sample after the disclosure left the line.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -50,6 +51,7 @@ from linerec.daemon.numbers import NEVER_RECORD, STORAGE_FULL, NumberRules
 from linerec.daemon.paths import SEALED_SUFFIX, new_call_id, receipt_path, recording_path
 from linerec.daemon.playback import OutputChannel, WriteTicket
 from linerec.daemon.receipt import file_sha256, seal_receipt, write_receipt
+from linerec.daemon.storage_guard import storage_state
 from linerec.hw.base import BinaryInput, Clock, HardwareError, Indicator, output_latency
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ SILENT_OUTPUT_SHARE = 0.3
 (a silent output scores about 0.01); above it, it was there but drowned."""
 CALLER_ID_KEEP_S = 10.0
 """A caller id with no ringing after it is forgotten after this long (seconds)."""
+RING_CONFIRM_MS = 100
+"""The ring input must hold this long, with no edge, to be ringing. The shortest ring burst
+of any cadence is 0.2 s or more (the UK's double ring 0.4 s); a shorter one is a spike or a
+chattering detector, which must not make an off-hook after it an inbound call."""
 PULSE_BREAK_MAX_MS = 85
 """A loop break up to this long is a dial pulse (60 ms at 10 pulses/s); a longer one that
 is shorter than an on-hook is a hook-flash."""
@@ -120,14 +126,31 @@ class HookEvent:
     """Sample position where the new level began."""
     length: int = 0
     """For a break: how long the loop was open (samples)."""
+    unsettled: bool = False
+    """An on-hook taken because the input never held a level for the debounce over
+    ``onhook_confirm``: whether the loop was open cannot be told."""
 
 
 class HookFilter:
-    """Debounces the hook input on the audio clock.
+    """Debounces the hook input on the audio clock, in two stages.
 
-    Edges are dated to the first period in which the new level was seen, so a recording
-    stops at the sample where the loop opened, not when the on-hook was confirmed. A loop
-    break shorter than ``onhook_confirm`` (pulse dialling, hook-flash) does not end a call.
+    First the level must hold for ``debounce`` with no edge at all (the input's edge count
+    tells of a flip and back between two reads: chatter that sampling once a period would
+    alias into a level held). Then the debounced level is timed: off-hook at once, on-hook
+    once the loop stays open for ``onhook_confirm``; an opening shorter than that is a loop
+    break (pulse dialling, hook-flash), which does not end a call. Chatter shorter than the
+    debounce never reaches the second stage, so it neither starts a call nor ends one, nor
+    delays or re-dates an on-hook.
+
+    Chatter that never stops for a debounce (hum on a wet pair, a worn switch) would keep the
+    last level for ever: a caller's on-hook would go unseen and the next caller would be
+    recorded in the first one's call, without a notice. So off-hook, an input that has not
+    settled for ``onhook_confirm`` is taken for an on-hook where the unrest began (fail
+    closed: the call and its recording end there, ``unsettled``); a call after it must
+    settle off-hook first, and is then a new call with its own disclosure.
+
+    Edges are dated to where the new level began to hold (after its contact bounce), so a
+    recording stops at the sample where the loop opened, not when the on-hook was confirmed.
     """
 
     def __init__(self, *, debounce: int, onhook_confirm: int) -> None:
@@ -137,32 +160,54 @@ class HookFilter:
         """Confirmed state."""
         self._raw = False
         self._raw_since = 0
+        """Since when the input has held its level without an edge."""
+        self._level = False
+        """Debounced level: the raw level once it held for the debounce."""
+        self._level_since = 0
+        self._unsettled_since: int | None = None
+        """Where the input began changing without holding a level for the debounce."""
         self._end = 0
 
-    def update(self, start: int, frames: int, raw_offhook: bool) -> HookEvent | None:
-        """Feed the level seen for samples [start, start + frames); returns a confirmed edge
-        or a loop break that just ended."""
-        event = None
-        if raw_offhook != self._raw:
-            if raw_offhook and self.offhook and start - self._raw_since >= max(self.debounce, 1):
-                event = HookEvent(HookEdge.BREAK, self._raw_since, start - self._raw_since)
+    def update(self, start: int, frames: int, raw_offhook: bool,
+               changed: bool = False) -> HookEvent | None:
+        """Feed the level seen for samples [start, start + frames), and whether the input
+        had edges since the last update; returns a confirmed edge or a loop break that just
+        ended."""
+        if raw_offhook != self._raw or changed:
             self._raw = raw_offhook
             self._raw_since = start
+            if self._unsettled_since is None:
+                self._unsettled_since = start
         self._end = start + frames
-        held = self._end - self._raw_since
-        if not self.offhook and raw_offhook and held >= max(self.debounce, 1):
+        settled = self._end - self._raw_since >= max(self.debounce, 1)
+        if settled:
+            self._unsettled_since = None
+        elif self.offhook and self._unsettled_since is not None \
+                and self._end - self._unsettled_since >= self.onhook_confirm:
+            self.offhook = self._level = False
+            self._level_since = self._unsettled_since
+            return HookEvent(HookEdge.ONHOOK, self._unsettled_since, unsettled=True)
+        event = None
+        if self._raw != self._level and settled:
+            if self._raw and self.offhook:
+                event = HookEvent(HookEdge.BREAK, self._level_since,
+                                  self._raw_since - self._level_since)
+            self._level = self._raw
+            self._level_since = self._raw_since
+        if not self.offhook and self._level:
             self.offhook = True
-            return HookEvent(HookEdge.OFFHOOK, self._raw_since)
-        if self.offhook and not raw_offhook and held >= self.onhook_confirm:
+            return HookEvent(HookEdge.OFFHOOK, self._level_since)
+        if self.offhook and not self._level \
+                and self._end - self._level_since >= self.onhook_confirm:
             self.offhook = False
-            return HookEvent(HookEdge.ONHOOK, self._raw_since)
+            return HookEvent(HookEdge.ONHOOK, self._level_since)
         return event
 
     @property
     def loop_open(self) -> bool:
         """The loop has been open for longer than contact bounce, whether or not that is
         confirmed as an on-hook yet."""
-        return not self._raw and self._end - self._raw_since >= max(self.debounce, 1)
+        return not self._level
 
 
 class PulseDialling:
@@ -242,6 +287,9 @@ class Call:
     capture_gaps: list[dict[str, Any]] = field(default_factory=list)
     """Audio the capture lost during the recording (overrun, device gone): where, how many
     samples became silence, and why."""
+    clock_steps_from: int = 0
+    """Capture position from which a step of the wall clock was not yet in ``started_at``:
+    the end of the tick that dated the off-hook."""
 
     def heard_by(self, end: int) -> bool:
         """Has the whole disclosure left the line before capture position ``end``?"""
@@ -293,6 +341,10 @@ class Line:
         self._rules = rules
         self._events = events
         self._storage_full = storage_full
+        self._storage_state = storage_state(storage)
+        """Shared with the other lines and the storage guard: a write that failed, and the
+        reserve released when the storage filled up."""
+        self._storage_state.watch(self.recording_open)
         self._sealer = sealer
         """Set (``[encryption]``): each recording is sealed when closed, off this thread."""
         self._led_shown: tuple[float, float] | str = "off"
@@ -308,6 +360,12 @@ class Line:
         self._echo_lags = self._output_latency + capture_period
         self._ring_window = round(config.ring_window_s * self._rate)
         self._last_ring: int | None = None
+        self._ring_confirm = RING_CONFIRM_MS * ms
+        self._ring_raw = False
+        self._ring_since = 0
+        self._ring_began = 0
+        self._ring_changes = ringer.changes
+        self._hook_changes = hook.changes
         self._silence = np.zeros(0, dtype=np.int16)
         self._output_failed = False
         self._played_until = 0
@@ -339,9 +397,18 @@ class Line:
         if self._storage_full() is not self._storage_full_shown:
             self._storage_full_shown = not self._storage_full_shown
             self._show_led()
-        if self._ring_input.is_active:
+        # Edge counts first: an edge between the two reads then only delays a confirmation.
+        ring_changes, hook_changes = self._ring_input.changes, self._hook_input.changes
+        ring_active = self._ring_input.is_active
+        if ring_active != self._ring_raw or ring_changes != self._ring_changes:
+            self._ring_raw, self._ring_since = ring_active, start
+        self._ring_changes = ring_changes
+        if ring_active and end - self._ring_since >= self._ring_confirm:
             self._last_ring = end
-        hook = self._hook.update(start, frames, self._hook_input.is_active)
+            self._ring_began = self._ring_since
+        hook = self._hook.update(start, frames, self._hook_input.is_active,
+                                 changed=hook_changes != self._hook_changes)
+        self._hook_changes = hook_changes
         onhook = hook is not None and hook.edge is HookEdge.ONHOOK
         heard = self._heard(start, frames)
         state = self.state
@@ -363,10 +430,12 @@ class Line:
                     self._begin_call()
                 if state in (LineState.ANSWERING, LineState.DIALLING, LineState.DISCLOSING):
                     self._fail_disclosure(
-                        "on-hook before the far end answered" if state is LineState.DIALLING
+                        "the hook input chattered without settling (whether the caller hung "
+                        "up cannot be told)" if hook.unsettled
+                        else "on-hook before the far end answered" if state is LineState.DIALLING
                         else "on-hook before the disclosure finished", hook.at,
                         line_fault=False)
-                self._end_call(hook.at, "onhook")
+                self._end_call(hook.at, "hook_unsettled" if hook.unsettled else "onhook")
             elif self._far_end_gone(end):
                 pass
             elif state is LineState.ANSWERING:
@@ -385,6 +454,8 @@ class Line:
         self._play(start, frames)
         if self.state is LineState.RECORDING:
             self._record_until(end)
+            if self._storage_state.released and self.state is LineState.RECORDING:
+                self._close_on_full_storage()
 
     def _heard(self, start: int, frames: int) -> np.ndarray | None:
         """What the tap captured this tick, for the detectors (None if the engine fell so
@@ -402,7 +473,7 @@ class Line:
             self._caller_id = None  # a missed call: its number belongs to no answered call
             self._emit(EventKind.RINGING_STOPPED, end)
         elif self.state is LineState.IDLE and ringing:
-            self._emit(EventKind.RINGING, start)
+            self._emit(EventKind.RINGING, self._ring_began)  # where it began, not confirmed
         self.state = LineState.RINGING if ringing else LineState.IDLE
         known = self._caller_id
         if known is not None and not ringing \
@@ -642,6 +713,7 @@ class Line:
         if self._polarity_input is not None:
             call.polarity_at_offhook = self._polarity_input.is_active
         call.last_digit_at = offhook_at
+        call.clock_steps_from = now + self._last_frames + 1
         self._pulses = PulseDialling(self._rate)
         self._progress.reset()
         self._dtmf.reset()
@@ -698,8 +770,10 @@ class Line:
     def _begin_call(self) -> None:
         call = self.call
         assert call is not None
-        self._emit(EventKind.CALL_STARTED, call.offhook_sample, direction=call.direction)
+        # The receipt before the event: a power cut between the two must not leave a call
+        # that the office was told of and that has no receipt.
         self._save_receipt(call, call.offhook_sample)
+        self._emit(EventKind.CALL_STARTED, call.offhook_sample, direction=call.direction)
 
     def _answered(self, how: str, now: int) -> None:
         call = self.call
@@ -717,7 +791,7 @@ class Line:
         call = self.call
         assert call is not None
         call.rule = self._rules.rule_for(call.number)
-        if call.rule is None and self._storage_full():
+        if call.rule is None and self._storage_refused():
             # No room to record: turned away at the start rather than cut off mid-call.
             call.rule = STORAGE_FULL
         if call.rule is not None:
@@ -804,6 +878,32 @@ class Line:
         call = self.call
         assert call is not None and heard.call_id == call.call_id
         path = recording_path(self._storage, call.call_id, call.started_at)
+        final = sealed_path(path) if self._sealer else path
+        refused = self._storage_refused()
+        if not refused:
+            # The receipt says the disclosure was heard and where the recording starts
+            # before the file exists: a power cut between the two must never leave audio
+            # beside a receipt that shows no disclosure (the start-up recovery then finds the
+            # recording `missing` instead, and says so). With encryption the receipt names
+            # the sealed file from the start: the plaintext is only ever a stage on the way.
+            call.recording_summary = {"file": final.name, "status": "recording",
+                                      "first_sample": heard.line_end}
+            if self._sealer:
+                call.recording_summary["encrypted"] = self._sealer.description
+            self._save_receipt(call, heard.line_end)
+            # A receipt that could not be written (or that filled the storage) marks the
+            # storage as failed: then no audio without it.
+            refused = self._storage_state.refusing
+        if refused:
+            # The storage filled up (or failed) while the disclosure played: fail closed.
+            call.recording_summary = None
+            call.rule = STORAGE_FULL
+            self.state = LineState.UNRECORDED
+            self._emit(EventKind.ERROR, heard.line_end,
+                       message=f"the storage {self._storage} is full or failed during the "
+                       "disclosure: this call is not recorded")
+            self._save_receipt(call, heard.line_end)
+            return
         try:
             call.recording = RecordingFile(
                 path,
@@ -818,23 +918,29 @@ class Line:
                 max_rewind_s=self.config.busy_tone_end_s + 2.0,
             )
         except Exception as exc:
+            if isinstance(exc, OSError):
+                self._storage_state.write_failed(exc)
+            call.recording_summary = None
             self.state = LineState.UNRECORDED
             self._emit(EventKind.ERROR, heard.line_end,
                        message=f"cannot create the recording {path}: {exc}")
             return
         call.recording_first_sample = heard.line_end
         call.recording_next_sample = heard.line_end
-        # With encryption the receipt names the sealed file from the start: the plaintext
-        # is only ever a stage on the way there.
-        final = sealed_path(path) if self._sealer else path
-        call.recording_summary = {"file": final.name, "status": "recording",
-                                  "first_sample": heard.line_end}
-        if self._sealer:
-            call.recording_summary["encrypted"] = self._sealer.description
         self.state = LineState.RECORDING
         self._show_led()
         self._emit(EventKind.RECORDING_STARTED, heard.line_end, file=str(final))
-        self._save_receipt(call, heard.line_end)
+
+    def recording_open(self) -> bool:
+        """Read by the storage guard's thread: a snapshot is all it needs."""
+        call = self.call
+        return call is not None and call.recording is not None
+
+    def _storage_refused(self) -> bool:
+        """No recording may start: under the floor, a write failed, or the storage is not
+        where (or what) the guard last found it."""
+        return self._storage_full() or self._storage_state.refusing \
+            or self._storage_state.moved()
 
     def _recording_tags(self, call: Call) -> dict[str, str]:
         tags = {
@@ -869,6 +975,11 @@ class Line:
         try:
             call.recording.write(samples)
         except OSError as exc:
+            if self._storage_state.write_failed(exc):
+                # The storage is full. What was encoded stays buffered; the tick closes the
+                # recording with it, in the room the released reserve made.
+                call.recording_next_sample = limit
+                return
             recording = call.recording
             self._emit(EventKind.ERROR, limit,
                        message=f"writing the recording failed: {exc}; what was written is in "
@@ -898,9 +1009,12 @@ class Line:
         call.recording = None
         try:
             # The on-hook is confirmed up to onhook_confirm_ms after the loop opened; the
-            # recording, written meanwhile, is cut back to the sample where it opened.
-            size = recording.close(end=stop - first)
+            # recording, written meanwhile, is cut back to the sample where it opened. (It
+            # holds less after a write that failed before encoding: a failed sync.)
+            size = recording.close(end=min(stop - first, recording.samples))
         except Exception as exc:
+            if isinstance(exc, OSError):
+                self._storage_state.write_failed(exc)
             recording.abandon()
             self._show_led()
             call.recording_summary = {
@@ -945,6 +1059,28 @@ class Line:
         self._emit(EventKind.RECORDING_STOPPED, first + recording.samples,
                    file=str(final), duration_s=duration, bytes=size, reason=reason)
 
+    def _close_on_full_storage(self) -> None:
+        """The storage is full (a write of this line's or of another's failed): close the
+        recording now with all it holds, in the room the released reserve made, before
+        anything else fills it; the call goes on unrecorded."""
+        call = self.call
+        assert call is not None and call.recording is not None
+        first = call.recording_first_sample
+        assert first is not None
+        recording = call.recording
+        end = first + recording.samples
+        self._stop_recording(end, "storage_full")
+        self.state = LineState.UNRECORDED
+        kept = (call.recording_summary or {}).get("duration_s")
+        closed = (f"ends here with the {kept} s it holds" if kept is not None
+                  else f"could not be closed even so (what was written is in "
+                  f"{recording.part_path.name})")
+        self._emit(EventKind.ERROR, end,
+                   message=f"the storage {self._storage} is full: the recording "
+                   f"{recording.path.name} {closed}, and the call goes on unrecorded; new "
+                   "calls are not recorded until space is freed (export and delete calls, "
+                   "or fit a larger card)")
+
     def _end_call(self, at: int, reason: str) -> None:
         call = self.call
         assert call is not None
@@ -955,6 +1091,13 @@ class Line:
         recorded = (call.recording_summary or {}).get("status") == "complete"
         self._emit(EventKind.CALL_ENDED, at, reason=reason, duration_s=duration,
                    recorded=recorded, rule=call.rule)
+        steps = self._clock.steps(self._capture_name, call.clock_steps_from)
+        if steps:  # even steps that cancel out: the receipt lists them, the log says so
+            logger.warning("the wall clock was set %d time(s), by %+.3f s in all, during call "
+                           "%s: its ended_at and started_at differ by that besides the %.3f s "
+                           "it lasted (its receipt lists the steps)", len(steps),
+                           sum(step.seconds for step in steps), call.call_id, duration,
+                           extra=self.journal_fields())
         self._save_receipt(call, at, ended=ended, reason=reason)
         self.call = None
         self.state = LineState.IDLE
@@ -1118,6 +1261,10 @@ class Line:
             "ended_at": iso_ms(ended) if ended else None,
             "end_reason": reason,
             "clock_synchronised": self._clock.synchronised(),
+            "clock_steps": [{"sample": step.sample, "at": iso_ms(step.at),
+                             "seconds": step.seconds}
+                            for step in self._clock.steps(self._capture_name,
+                                                          call.clock_steps_from)],
             "sample_rate": self._rate,
             "offhook_sample": call.offhook_sample,
             "answered": {"sample": call.answered_at, "by": call.answered_by}
@@ -1149,13 +1296,31 @@ class Line:
             seal = call.recording_seal
             self._sealer.then(lambda: self._seal_receipt_later(path, receipt, seal))
             return
+        if not ended and self._storage_state.unusable is not None:
+            return  # storage gone or read-only: one error for the call, at its final receipt
         try:
-            if ended:
-                seal_receipt(self._storage, path, receipt)
-            else:
-                write_receipt(path, receipt)
+            self._write_receipt(path, receipt)
         except OSError as exc:
             self._emit(EventKind.ERROR, at, message=f"cannot write the receipt {path}: {exc}")
+
+    def _write_receipt(self, path: Path, receipt: dict[str, Any]) -> None:
+        """Write (or seal, once final) a receipt; when the storage turns out full, once more
+        in the room of the reserve that this releases."""
+        unusable = self._storage_state.unusable
+        if unusable is not None:
+            raise OSError(errno.ENODEV, f"not written, as {unusable}")
+        try:
+            if receipt["state"] == "open":
+                write_receipt(path, receipt)
+            else:
+                seal_receipt(self._storage, path, receipt)
+        except OSError as exc:
+            if not self._storage_state.write_failed(exc):
+                raise
+            if receipt["state"] == "open":
+                write_receipt(path, receipt)
+            else:
+                seal_receipt(self._storage, path, receipt)
 
     def _seal_receipt_later(self, path: Path, receipt: dict[str, Any],
                             seal: Future[Sealed]) -> None:
@@ -1183,7 +1348,7 @@ class Line:
             recording.update(sha256=sealed.sha256, bytes=sealed.bytes)
         receipt["recording"] = recording
         try:
-            seal_receipt(self._storage, path, receipt)
+            self._write_receipt(path, receipt)
         except OSError as exc:
             self._emit_unsited(EventKind.ERROR, call_id,
                                message=f"cannot write the receipt {path}: {exc}")

@@ -54,6 +54,16 @@ class Outbox:
         """Events not yet acknowledged, oldest first."""
         return [self._pending[seq] for seq in sorted(self._pending)]
 
+    @property
+    def count(self) -> int:
+        """How many events wait for the broker."""
+        return len(self._pending)
+
+    def oldest(self) -> OutboxEntry | None:
+        """The event to publish next. Cheap with thousands waiting (a long outage): the
+        dictionary keeps its entries in ``seq`` order, as ``append`` and ``_load`` add them."""
+        return next(iter(self._pending.values()), None)
+
     def append(self, topic: str, event: dict[str, Any]) -> OutboxEntry:
         """Number the event and put it on disk (synced) before anything publishes it."""
         seq = self.last_seq + 1
@@ -117,6 +127,8 @@ class Outbox:
                 if entry.seq > self.acked:
                     self._pending[entry.seq] = entry
             at += len(raw)
+        # In seq order whatever the file's order, for ``oldest``.
+        self._pending = dict(sorted(self._pending.items()))
         if dropped:
             # A power cut cuts off the last line; a damaged card garbles one anywhere. Only
             # those go: the events after a garbled line are still sent. Their bytes are not

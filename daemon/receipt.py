@@ -17,12 +17,17 @@ from typing import Any
 
 from linerec.audio.recording import fsync_dir
 from linerec.daemon.ledger import Ledger, sha256_hex
-from linerec.daemon.paths import check_call_id
+from linerec.daemon.paths import check_call_id, make_call_folder
 
 logger = logging.getLogger(__name__)
 
 SEALED_STATES = ("closed", "interrupted")
 """A receipt in one of these states is final and belongs in the chain."""
+RECEIPT_TMP_SUFFIX = ".tmp"
+"""``<call_id>.json.tmp``: a receipt being written; renamed over the receipt once whole."""
+CORRUPT_SUFFIX = ".corrupt"
+"""``<call_id>.json.corrupt``: a receipt the start-up found unreadable, moved aside with its
+bytes as they were (``linerec verify`` reports it until a person removes it)."""
 
 
 def encode_receipt(receipt: dict[str, Any]) -> bytes:
@@ -44,7 +49,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def seal_receipt(storage: Path, path: Path, receipt: dict[str, Any]) -> str:
+def seal_receipt(storage: Path, path: Path, receipt: dict[str, Any], *,
+                 supersedes: str | None = None) -> str:
     """Write a final receipt as the next link of the chain and record it in the audit log;
     returns the sha256 of the receipt file.
 
@@ -52,14 +58,17 @@ def seal_receipt(storage: Path, path: Path, receipt: dict[str, Any]) -> str:
     of the receipt sealed before, the file is written, the log line appended. A crash
     between the two leaves a receipt one past the log's head, which the start-up recovery
     records (once). A receipt that was sealed already (it has a ``chain``: recovery amending
-    it) is sealed again as a new link that names the version it supersedes.
+    it) is sealed again as a new link that names the version it supersedes; so is one
+    made anew in place of a sealed receipt that could no longer be read (``supersedes``:
+    the sha256 the audit log holds for that one).
     """
     if receipt.get("state") not in SEALED_STATES:
         raise ValueError(f"receipt {path} is {receipt.get('state')!r}: only a closed or "
                          "interrupted receipt is sealed")
     call_id = check_call_id(str(receipt.get("call_id")))
     relative = path.resolve().relative_to(storage.resolve()).as_posix()
-    supersedes = file_sha256(path) if "chain" in receipt and path.exists() else None
+    if supersedes is None and "chain" in receipt and path.exists():
+        supersedes = file_sha256(path)
     try:
         with Ledger(storage).locked() as ledger:
             receipt["chain"] = {"seq": ledger.head.seq + 1,
@@ -81,12 +90,19 @@ def seal_receipt(storage: Path, path: Path, receipt: dict[str, Any]) -> str:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
+    make_call_folder(path.parent)
+    tmp = path.with_name(path.name + RECEIPT_TMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError:
+        # A disk full half-way: the cut-off copy would only take room (the receipt itself
+        # is as it was).
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -63,12 +63,18 @@ def write_config(path: Path, data: dict[str, Any]) -> None:
             "docs/CONFIG.md.\n" + tomli_w.dumps(data))
     tmp = path.with_name(path.name + ".tmp")
     mode = path.stat().st_mode & 0o777 if path.exists() else 0o640
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # A full card or an I/O error half-way: the old file stands, and no stray .tmp
+        # is left for the next write (or an installer) to trip over.
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -11,6 +11,13 @@ a crash cut off between the receipt and the audit log is completed, once.
 With encryption (``recipients``) every recording made whole here is sealed too
 (``<call_id>.opus.age``), and so is a closed ``.opus`` whose call's end the crash kept from
 being written (its sealing had not begun or was cut off; a cut-off ``.opus.age.tmp`` goes).
+
+A receipt that cannot be read (cut off or garbled on a damaged card) is moved aside as
+``<call_id>.json.corrupt`` with an ``error`` event naming it, and a new one is made from what
+is left (the recording's tags), so that the next start does not trip over it again. A
+receipt write that a crash cut off (``.json.tmp``) is finished or dropped. Whatever goes
+wrong with one call is reported and the next is looked at: the start-up never fails here,
+so a damaged call cannot keep the appliance from answering the next (a crash loop).
 """
 
 from __future__ import annotations
@@ -18,16 +25,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from linerec.audio.ogg import RepairError, repair_stream
+from linerec.audio.ogg import RepairedStream, RepairError, repair_stream
 from linerec.audio.recording import PART_SUFFIX, fsync_dir
 from linerec.daemon.encryption import TMP_SUFFIX, describe, seal_recording, sealed_path
 from linerec.daemon.events import EventBus, EventKind, iso_ms, journal_fields, make_event
-from linerec.daemon.ledger import Ledger, LedgerState
+from linerec.daemon.ledger import LEDGER_NAME, Ledger, LedgerState
 from linerec.daemon.paths import (
     CALL_ID_PATTERN,
     RECEIPT_SUFFIX,
@@ -35,46 +43,222 @@ from linerec.daemon.paths import (
     SEALED_SUFFIX,
     check_call_id,
 )
-from linerec.daemon.receipt import SEALED_STATES, file_sha256, seal_receipt, write_receipt
+from linerec.daemon.receipt import (
+    CORRUPT_SUFFIX,
+    RECEIPT_TMP_SUFFIX,
+    SEALED_STATES,
+    file_sha256,
+    seal_receipt,
+    write_receipt,
+)
 
 logger = logging.getLogger(__name__)
 
 UNREADABLE_SUFFIX = ".unreadable"
 
+T = TypeVar("T")
+
 
 def recover_interrupted(storage: Path, events: EventBus, now: datetime | None = None, *,
                         recipients: Sequence[str] = ()) -> int:
     """Recover every interrupted call under ``storage``, sealing its recording to
-    ``recipients`` when given; returns how many."""
+    ``recipients`` when given; returns how many. Never raises for what it finds on disk: a
+    call it cannot recover is logged and reported as an ``error`` event, and left."""
     now = now or datetime.now(UTC)
-    receipts = {path: _load(path) for path in sorted(storage.glob(f"*/*/*/*{RECEIPT_SUFFIX}"))}
+    for tmp in sorted(storage.glob(f"*/*/*/*{RECEIPT_SUFFIX}{RECEIPT_TMP_SUFFIX}")):
+        _guarded(events, now, tmp, partial(_settle_receipt_write, tmp))
+    receipts: dict[Path, dict[str, Any]] = {}
+    unusable: dict[Path, str] = {}
+    for path in sorted(storage.glob(f"*/*/*/*{RECEIPT_SUFFIX}")):
+        receipt, problem = _read_receipt(path)
+        if problem is None:
+            receipts[path] = receipt
+        elif CALL_ID_PATTERN.fullmatch(path.name.removesuffix(RECEIPT_SUFFIX)):
+            unusable[path] = problem
+        else:
+            logger.warning("%s %s; not named like a linerec receipt, left alone", path, problem)
     # Before anything else is sealed: a seal cut off by the crash is one past the head.
-    _complete_cut_off_seal(storage, receipts)
+    _guarded(events, now, storage / LEDGER_NAME,
+             lambda: _complete_cut_off_seal(storage, receipts))
+    superseded: dict[str, str | None] = {}
+    """Call id -> the sha256 its receipt was sealed with, for each receipt moved aside here:
+    the receipt made in its place is sealed as superseding it."""
+    sealed_state = LedgerState.load(Ledger(storage))
+    for path, problem in unusable.items():
+        sealed = sealed_state.receipts.get(path.name.removesuffix(RECEIPT_SUFFIX))
+        superseded[path.name.removesuffix(RECEIPT_SUFFIX)] = \
+            sealed.get("sha256") if sealed else None
+        _guarded(events, now, path, partial(
+            _quarantine, storage, path, problem, events, now, recipients,
+            sealed=sealed is not None, superseded=superseded))
     for cut_off in sorted(storage.glob(f"*/*/*/*{SEALED_SUFFIX}{TMP_SUFFIX}")):
         # Sealing was cut off before the rename: the plaintext is still there.
-        cut_off.unlink()
+        _guarded(events, now, cut_off, cut_off.unlink)
     recovered = 0
     for part in sorted(storage.glob(f"*/*/*/*{RECORDING_SUFFIX}{PART_SUFFIX}")):
-        if _recover_recording(storage, part, events, now, recipients):
+        if _guarded(events, now, part, partial(
+                _recover_recording, storage, part, events, now, recipients, superseded)):
             recovered += 1
             receipt_file = part.with_name(
                 part.name[: -len(RECORDING_SUFFIX + PART_SUFFIX)] + RECEIPT_SUFFIX)
             receipts.pop(receipt_file, None)
     for receipt_file, receipt in receipts.items():
         if receipt.get("state") == "open":
-            _find_closed_recording(receipt_file, receipt, events, now, recipients)
-            _close_receipt(storage, receipt_file, receipt, events, now)
-            recovered += 1
+            if _guarded(events, now, receipt_file, partial(
+                    _close_open_receipt, storage, receipt_file, receipt, events, now,
+                    recipients)):
+                recovered += 1
         elif (receipt.get("state") in SEALED_STATES and "chain" not in receipt
               and CALL_ID_PATTERN.fullmatch(receipt_file.name.removesuffix(RECEIPT_SUFFIX))):
             # Final, but its seal failed (or it predates the chain): it joins the chain now.
             logger.warning("receipt %s was never sealed; sealing it", receipt_file)
-            _seal(storage, receipt_file, receipt, events, now)
+            _guarded(events, now, receipt_file,
+                     partial(_seal, storage, receipt_file, receipt, events, now))
     return recovered
 
 
+def _guarded(events: EventBus, now: datetime, path: Path, work: Callable[[], T]) -> T | None:
+    """One call's recovery: whatever goes wrong is logged and published as an ``error``
+    naming the file, and the start goes on. A start that failed here would fail again at
+    every restart (the file is still there), and no line would ever be armed."""
+    try:
+        return work()
+    except Exception as exc:
+        logger.exception("start-up recovery of %s failed", path)
+        call_id = path.name.split(".", 1)[0]
+        known = CALL_ID_PATTERN.fullmatch(call_id) is not None
+        events.emit(make_event(EventKind.ERROR, line=_line_of(call_id) if known else None,
+                               call_id=call_id if known else None, ts=now,
+                               message=f"the start-up recovery of {path} failed ({exc}); it "
+                               "is left as it is for a person to look at (`linerec verify` "
+                               "reports it), and the lines are armed all the same"))
+        return None
+
+
+def _line_of(call_id: str) -> str:
+    """The line a call id names (``<UTC start>-<line>-<6 hex>``)."""
+    return call_id.split("-", 1)[1].rsplit("-", 1)[0]
+
+
+def _read_receipt(path: Path) -> tuple[dict[str, Any], str | None]:
+    """The receipt, and what makes it unusable (None when nothing does)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError, RecursionError) as exc:
+        return {}, f"cannot be read ({exc})"
+    if not isinstance(data, dict):
+        return {}, "is not a JSON object"
+    if data.get("state") not in ("open", *SEALED_STATES):
+        return {}, f"has no valid state ({str(data.get('state'))[:40]!r})"
+    if not isinstance(data.get("recording"), dict | None):
+        return {}, "has a recording that is not an object"
+    return data, None
+
+
+def _close_open_receipt(storage: Path, path: Path, receipt: dict[str, Any], events: EventBus,
+                        now: datetime, recipients: Sequence[str]) -> bool:
+    _find_closed_recording(path, receipt, events, now, recipients)
+    _close_receipt(storage, path, receipt, events, now)
+    return True
+
+
+def _settle_receipt_write(tmp: Path) -> None:
+    """A receipt write cut off between its temporary file and the rename: the receipt
+    itself is the last whole version when there is one; else a whole temporary file is the
+    call's only receipt and takes its place (a cut-off one is moved aside with the rest)."""
+    path = tmp.with_name(tmp.name.removesuffix(RECEIPT_TMP_SUFFIX))
+    if path.exists():
+        tmp.unlink()
+        return
+    if _read_receipt(tmp)[1] is None:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        logger.warning("the receipt %s was being written when the daemon stopped; its new "
+                       "version is kept", path)
+    else:
+        # Left under the receipt's name, so that the next step moves it aside and reports it.
+        os.replace(tmp, path)
+
+
+def _quarantine(storage: Path, path: Path, problem: str, events: EventBus, now: datetime,
+                recipients: Sequence[str], *, sealed: bool,
+                superseded: dict[str, str | None]) -> None:
+    """Move an unusable receipt aside (its bytes kept for a person), say so, and put a
+    receipt made from what is left in its place: the interrupted recording (the ``.part``
+    step rebuilds it from its tags), a closed recording's tags, or, for a call with no
+    recording that the audit log does not hold, the call id alone. A sealed receipt of a
+    call without a recording is for a backup to restore: nothing here could replace it."""
+    call_id = path.name.removesuffix(RECEIPT_SUFFIX)
+    kept = path.with_name(path.name + CORRUPT_SUFFIX)
+    n = 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.name}{CORRUPT_SUFFIX}.{n}")
+    os.replace(path, kept)
+    fsync_dir(path.parent)
+    plain = path.with_name(call_id + RECORDING_SUFFIX)
+    part = plain.with_name(plain.name + PART_SUFFIX)
+    sealed_file = sealed_path(plain)
+    if part.exists():
+        done = "a new receipt is made from its interrupted recording"
+    elif plain.is_file() or sealed_file.is_file():
+        receipt = _rebuilt_receipt(call_id, plain, sealed_file, events, now, recipients)
+        _seal(storage, path, receipt, events, now, superseded.pop(call_id, None))
+        done = "a new receipt, sealed as interrupted, was made from its recording"
+    elif not sealed:
+        receipt = {"call_id": call_id, "line": _line_of(call_id), "state": "open",
+                   "recording": None}
+        _close_receipt(storage, path, receipt, events, now)
+        done = "a new receipt, sealed as interrupted, holds what its call id says"
+    else:
+        done = "the audit log holds it sealed: restore it from a backup"
+    events.emit(make_event(EventKind.ERROR, line=_line_of(call_id), call_id=call_id, ts=now,
+                           message=f"the receipt {path} {problem}; its bytes are kept in "
+                           f"{kept} and {done}; `linerec verify` reports it until a person "
+                           "has looked at it"))
+
+
+def _read_closed(plain: Path, recording: dict[str, Any]) -> RepairedStream | None:
+    """A recording closed whole: its length and rate into ``recording``; its stream (for
+    the tags), or None when it cannot be read (it is kept as it is)."""
+    try:
+        stream = repair_stream(plain)  # whole already: reads it, changes nothing
+    except (RepairError, OSError, ValueError) as exc:
+        logger.warning("recording %s cannot be read (%s); kept as it is", plain, exc)
+        return None
+    recording.update(duration_s=round(stream.duration_s, 3), codec="opus",
+                     sample_rate=stream.input_rate)
+    return stream
+
+
+def _rebuilt_receipt(call_id: str, plain: Path, sealed: Path, events: EventBus,
+                     now: datetime, recipients: Sequence[str]) -> dict[str, Any]:
+    """An interrupted receipt from a closed recording whose receipt was lost: what its Ogg
+    tags say (a sealed file's cannot be read here: its call id, then)."""
+    receipt: dict[str, Any] = {"call_id": call_id, "line": _line_of(call_id),
+                               "state": "interrupted", "end_reason": "interrupted",
+                               "recovered_at": iso_ms(now)}
+    recording: dict[str, Any] = {"status": "complete"}
+    if plain.is_file():
+        stream = _read_closed(plain, recording)
+        if stream is not None:
+            receipt.update(line=stream.tags.get("LINE") or receipt["line"],
+                           direction=stream.tags.get("DIRECTION"),
+                           started_at=stream.tags.get("START_TIME"))
+        _store(recording, plain, recipients, events, receipt["line"], call_id, now)
+    else:
+        recording.update(file=sealed.name, sha256=file_sha256(sealed),
+                         bytes=sealed.stat().st_size)
+        if recipients:
+            recording["encrypted"] = describe(recipients)
+    receipt["recording"] = recording
+    return receipt
+
+
 def _recover_recording(storage: Path, part: Path, events: EventBus, now: datetime,
-                       recipients: Sequence[str]) -> bool:
+                       recipients: Sequence[str], superseded: dict[str, str | None]) -> bool:
     name = part.name[: -len(RECORDING_SUFFIX + PART_SUFFIX)]
     try:
         call_id = check_call_id(name)
@@ -83,7 +267,10 @@ def _recover_recording(storage: Path, part: Path, events: EventBus, now: datetim
         return False
     final = part.with_name(call_id + RECORDING_SUFFIX)
     receipt_file = part.with_name(call_id + RECEIPT_SUFFIX)
-    receipt = _load(receipt_file)
+    receipt, problem = _read_receipt(receipt_file)
+    if problem is not None:
+        # Not a receipt named like a call (those were moved aside before): start afresh.
+        receipt = {}
     recording: dict[str, Any] = dict(receipt.get("recording") or {})
     try:
         stream = repair_stream(part)
@@ -128,7 +315,8 @@ def _recover_recording(storage: Path, part: Path, events: EventBus, now: datetim
         # supersedes that one.
         _seal(storage, receipt_file, receipt, events, now)
     else:
-        _close_receipt(storage, receipt_file, receipt, events, now)
+        _close_receipt(storage, receipt_file, receipt, events, now,
+                       superseded.pop(call_id, None))
     return True
 
 
@@ -164,13 +352,7 @@ def _find_closed_recording(path: Path, receipt: dict[str, Any], events: EventBus
     plain = path.with_name(call_id + RECORDING_SUFFIX)
     sealed = sealed_path(plain)
     if plain.is_file():
-        try:
-            stream = repair_stream(plain)  # whole already: reads it, changes nothing
-        except (RepairError, OSError, ValueError) as exc:
-            logger.warning("recording %s cannot be read (%s); kept as it is", plain, exc)
-        else:
-            recording.update(duration_s=round(stream.duration_s, 3), codec="opus",
-                             sample_rate=stream.input_rate)
+        _read_closed(plain, recording)
         recording.update(status="complete")
         _store(recording, plain, recipients, events, receipt.get("line"), call_id, now)
     elif sealed.is_file():
@@ -185,27 +367,33 @@ def _find_closed_recording(path: Path, receipt: dict[str, Any], events: EventBus
 
 
 def _close_receipt(storage: Path, path: Path, receipt: dict[str, Any], events: EventBus,
-                   now: datetime) -> None:
+                   now: datetime, supersedes: str | None = None) -> None:
     receipt.update(state="interrupted", end_reason="interrupted", recovered_at=iso_ms(now))
     recording = receipt.get("recording")
     if isinstance(recording, dict) and recording.get("status") == "recording":
-        # The receipt was written when recording began, and the file is gone since.
+        # The receipt was written when recording began, and the file is gone since (or the
+        # daemon stopped before it was made): the office must hear of a recording it lacks.
         recording["status"] = "missing"
-    _seal(storage, path, receipt, events, now)
+        events.emit(make_event(
+            EventKind.ERROR, line=receipt.get("line"), call_id=receipt.get("call_id"),
+            ts=now, message=f"the recording {recording.get('file')} of the interrupted call "
+            f"{receipt.get('call_id')} is missing beside its receipt {path}: it was removed, "
+            "or the daemon stopped before the file was made; the receipt says `missing`"))
+    _seal(storage, path, receipt, events, now, supersedes)
     logger.warning("call %s was interrupted; its receipt %s says so",
                    receipt.get("call_id"), path,
                    extra=journal_fields(line=receipt.get("line"), call_id=receipt.get("call_id")))
 
 
 def _seal(storage: Path, path: Path, receipt: dict[str, Any], events: EventBus,
-          now: datetime) -> None:
+          now: datetime, supersedes: str | None = None) -> None:
     """Seal into the chain; when the audit log cannot be written, the receipt is still
     written (unsealed, so the next start tries again) and the office is told."""
     name = path.name.removesuffix(RECEIPT_SUFFIX)
     if CALL_ID_PATTERN.fullmatch(name):
         receipt.setdefault("call_id", name)
     try:
-        seal_receipt(storage, path, receipt)
+        seal_receipt(storage, path, receipt, supersedes=supersedes)
     except (OSError, ValueError) as exc:
         receipt.pop("chain", None)
         write_receipt(path, receipt)
@@ -245,14 +433,3 @@ def _complete_cut_off_seal(storage: Path, receipts: dict[Path, dict[str, Any]]) 
                 supersedes=sealed.get("sha256") if sealed else None)
         logger.warning("the seal of receipt %s was cut off by a crash; completed", path)
         return
-
-
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        logger.warning("receipt %s is unreadable (%s); writing a new one", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}

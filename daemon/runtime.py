@@ -114,6 +114,7 @@ class Recorder:
         self.service_led: Indicator | None = None
         self._service_shown = ""
         self.check_failures: list[str] = []
+        self._problem_sources: list[Callable[[], str | None]] = []
         """Start-up checks that failed (``linerec doctor``'s names); the service LED says
         degraded while any did."""
         self.engines: list[TapEngine] = []
@@ -239,7 +240,12 @@ class Recorder:
         if self.guard.level is not SpaceLevel.OK:
             found.append(f"storage {self.guard.level.value} ({self.guard.free // MB} MB free)")
         found += [f"check failed: {name}" for name in self.check_failures]
+        found += [problem for source in self._problem_sources if (problem := source())]
         return found
+
+    def watch_problem(self, source: Callable[[], str | None]) -> None:
+        """Another part's problem (the MQTT broker's) among ``problems``."""
+        self._problem_sources.append(source)
 
     def show_service_state(self) -> None:
         """The service LED: steady while all is well, blinking while degraded."""

@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +55,9 @@ class HealthSource(Protocol):
     def lines_in_fault(self) -> list[str]: ...
 
     def problems(self) -> list[str]: ...
+
+    def watch_problem(self, source: Callable[[], str | None]) -> None:
+        """Count what ``source`` says (when not None) among ``problems``."""
 
 
 class Telemetry:
@@ -156,6 +160,9 @@ class Telemetry:
         per_day = self._recorded_bytes / uptime * 86400 if uptime >= 60 and \
             self._recorded_bytes else None
         synchronised = self._synchronised() if callable(self._synchronised) else None
+        # What keeps events from the broker (a refused login or ACL, TLS), and what to do:
+        # seen on the status command, and on this topic once the broker takes it again.
+        broker = [problem] if (problem := getattr(self._publisher, "problem", None)) else []
         return {
             "ts": iso_ms(datetime.now(UTC)),
             "version": __version__,
@@ -168,7 +175,7 @@ class Telemetry:
             "disclosure_failures": self._health.disclosure_failures(),
             "lines_in_fault": self._health.lines_in_fault(),
             "clock_synchronised": synchronised,
-            "problems": self._health.problems(),
+            "problems": [*self._health.problems(), *broker],
         }
 
     # ---- Home Assistant ------------------------------------------------------------------
@@ -261,6 +268,10 @@ class MqttInterface:
         assert config.mqtt is not None
         self._events = events
         self.sink = MqttEventSink(config.mqtt, config.device_id, config.storage)
+        # In STATUS= and the service LED too: events held back are a degraded appliance.
+        # The few words there; the journal and the health topic say why and what to do.
+        health.watch_problem(lambda: "events wait for the MQTT broker"
+                             if self.sink.problem else None)
         self.telemetry = Telemetry(config, self.sink, health,
                                    clock_synchronised=clock_synchronised)
 

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+from collections import deque
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 import numpy as np
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig, PlaybackConfig
+
+logger = logging.getLogger(__name__)
+
+CLOCK_STEP_MIN_S = 0.1
+"""A wall-clock jump against the monotonic clock this big is a step. The two clocks only
+part when the wall clock is set (slewing moves both alike), so the threshold need only
+clear how long reading the pair can take; 0.1 s is under the smallest step NTP clients make
+(ntpd steps from 128 ms, systemd-timesyncd from 0.4 s, chrony's ``makestep`` usually 1 s)."""
+CLOCK_STEPS_KEPT = 64
+"""Steps remembered per capture device: a call only needs the ones since it began."""
 
 
 def output_latency(*, capture_period: int, capture_buffer: int, output_buffer: int,
@@ -80,6 +93,12 @@ class BinaryInput(Protocol):
     @property
     def is_active(self) -> bool: ...
 
+    @property
+    def changes(self) -> int:
+        """Level changes seen since the input was opened, counted on every edge. The line
+        reads the level once per period; the count tells it the level did not hold still
+        in between (chatter), which a level read alone cannot."""
+
     def close(self) -> None: ...
 
 
@@ -99,6 +118,47 @@ class Indicator(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class ClockStep:
+    """The wall clock was set while the daemon ran."""
+
+    sample: int
+    """The capture position of the tick that first saw the new time."""
+    at: datetime
+    """The wall-clock time after the step, at that tick."""
+    seconds: float
+    """How far the wall clock jumped: positive forward, negative back."""
+
+
+class ClockSteps:
+    """Finds steps of the wall clock per capture device, by how far the wall clock moved
+    against a monotonic clock since the last tick. (Against the samples captured it would
+    also move by however far the engine lags behind the capture, which is seconds under
+    load: the ring holds 8 s.)"""
+
+    def __init__(self, threshold_s: float = CLOCK_STEP_MIN_S) -> None:
+        self._threshold = threshold_s
+        self._offset: dict[str, float] = {}
+        """Per capture device: wall-clock seconds minus monotonic seconds."""
+        self._steps: dict[str, deque[ClockStep]] = {}
+
+    def check(self, capture: str, position: int, wall: datetime, monotonic: float) -> \
+            ClockStep | None:
+        offset = wall.timestamp() - monotonic
+        known = self._offset.setdefault(capture, offset)
+        if abs(offset - known) < self._threshold:
+            return None
+        self._offset[capture] = offset
+        step = ClockStep(position, wall, round(offset - known, 3))
+        self._steps.setdefault(capture, deque(maxlen=CLOCK_STEPS_KEPT)).append(step)
+        logger.warning("the wall clock stepped by %+.3f s (capture %s, sample %d); now %s",
+                       step.seconds, capture, position, wall.isoformat())
+        return step
+
+    def since(self, capture: str, position: int) -> list[ClockStep]:
+        return [step for step in self._steps.get(capture, ()) if step.sample >= position]
+
+
 class Clock(Protocol):
     """The daemon's time. Capture sample positions are the timebase; this maps them to
     wall-clock time and, on the simulated HAT, moves the world forward."""
@@ -111,6 +171,10 @@ class Clock(Protocol):
 
     def synchronised(self) -> bool | None:
         """Is the wall clock synchronised (NTP)? None when that cannot be told."""
+
+    def steps(self, capture: str, since: int) -> list[ClockStep]:
+        """The wall clock's steps seen from capture position ``since`` on (NTP setting the
+        time): timestamps before and after one differ by the step as well."""
 
 
 class Hat(Protocol):

@@ -5,12 +5,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import time
 from datetime import UTC, datetime, timedelta
 
 from linerec.daemon.config import AudioConfig, CaptureConfig, LineConfig, PlaybackConfig
 from linerec.hw.alsa import AlsaCapture, AlsaPlayback
+from linerec.hw.base import ClockStep, ClockSteps
 from linerec.hw.gpio import GpioInput, GpioLed, pin_factory_name
 
+CLOCK_READ_MAX_S = 0.01
+"""A wall-clock reading that took longer than this (the thread was preempted in between) is
+not compared with the monotonic clock: the next tick's is."""
 _TIME_ERROR = 5
 """adjtimex(2): the clock is not synchronised."""
 
@@ -50,14 +55,24 @@ def system_clock_synchronised() -> bool | None:
 class WallClock:
     """Real time. Each tick anchors a capture position to the wall clock, so an event dated
     to an earlier sample (an on-hook that began 800 ms before it was confirmed) gets the
-    wall-clock time of that sample."""
+    wall-clock time of that sample. When NTP sets the clock, a tick sees the wall clock
+    jump against the monotonic one: the step is logged and kept for the receipts."""
 
     def __init__(self, rate: int) -> None:
         self._rate = rate
         self._anchors: dict[str, tuple[int, datetime]] = {}
+        self._steps = ClockSteps()
 
     def advance(self, capture: str, position: int) -> None:
-        self._anchors[capture] = (position, datetime.now(UTC))
+        before = time.monotonic()
+        now = datetime.now(UTC)
+        after = time.monotonic()
+        self._anchors[capture] = (position, now)
+        if after - before < CLOCK_READ_MAX_S:
+            self._steps.check(capture, position, now, (before + after) / 2)
+
+    def steps(self, capture: str, since: int) -> list[ClockStep]:
+        return self._steps.since(capture, since)
 
     def timestamp(self, capture: str, position: int) -> datetime:
         anchor = self._anchors.get(capture)

@@ -17,19 +17,33 @@ pin library raises (lgpio's own error class for "GPIO busy", OSError for no righ
 
 class GpioInput:
     """A digital input read by level; debouncing happens on the audio clock in the line's
-    hook filter, so edge callbacks (and gpiozero's bounce_time) are not used."""
+    hook filter. Edge callbacks only count the edges (gpiozero's bounce_time, which drops
+    edges, is not used): a level that flipped and flipped back between two reads is
+    chatter, not a level held."""
 
     def __init__(self, pin: int, *, active_high: bool, name: str, pin_factory: Any = None):
+        self._changes = 0
         try:
             self._device = DigitalInputDevice(
                 pin, pull_up=None, active_state=active_high, pin_factory=pin_factory
             )
+            # Called on gpiozero's edge thread (on the simulated HAT, the engine's): only
+            # that thread writes the count.
+            self._device.when_activated = self._changed
+            self._device.when_deactivated = self._changed
         except PIN_ERRORS as exc:
             raise HardwareError(f"GPIO {pin} ({name}) cannot be used: {exc}") from exc
+
+    def _changed(self) -> None:
+        self._changes += 1
 
     @property
     def is_active(self) -> bool:
         return bool(self._device.is_active)
+
+    @property
+    def changes(self) -> int:
+        return self._changes
 
     def close(self) -> None:
         self._device.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 import tomllib
 from collections.abc import Callable, Iterable
@@ -14,7 +15,9 @@ import numpy as np
 from linerec.audio.pcm import AudioFileError, load_line_audio
 from linerec.hw import exchange
 
-MAX_DURATION_S = 4 * 3600.0
+MAX_DURATION_S = 8 * 3600.0
+"""A working day of line time: the soak's 2000 calls on four lines need a little over four
+hours. The simulation keeps no per-sample array of that length unless its files are kept."""
 RING_ON_S = 1.0
 RING_OFF_S = 4.0
 """Dutch ring cadence: 1 s on, 4 s off."""
@@ -23,12 +26,21 @@ PULSE_BREAK_S = 0.060
 PULSE_MAKE_S = 0.040
 PULSE_DIGIT_PAUSE_S = 0.700
 """Pulse dialling at 10 pulses per second, 60 ms break / 40 ms make, digits 700 ms apart."""
+BOUNCE_TOGGLE_MS = (0.3, 3.0)
+"""Contact bounce: the level flips every 0.3-3 ms until it settles (a hook switch or a ring
+detector's optocoupler)."""
+GPIO_INPUTS = ("hook", "ring")
+MAX_CHATTER_EDGES = 200_000
+"""Most level changes one chatter step may make (a 4-hour scenario must not become
+millions of GPIO changes)."""
+MAX_CLOCK_STEP_S = 366 * 86400.0
+"""Largest wall-clock step (seconds): a Pi without a clock battery may boot months behind."""
 
 STEP_KEYS: dict[str, dict[str, bool]] = {
     # do -> {key: required}
-    "ring": {"until": False},
-    "offhook": {},
-    "onhook": {},
+    "ring": {"until": False, "bounce_ms": False, "seed": False},
+    "offhook": {"bounce_ms": False, "seed": False},
+    "onhook": {"bounce_ms": False, "seed": False},
     "audio": {"file": True, "gain_db": False},
     "callerid": {"number": False, "name": False, "format": False, "form": False,
                  "absence": False},
@@ -40,7 +52,12 @@ STEP_KEYS: dict[str, dict[str, bool]] = {
     "overrun": {"frames": True},
     "unplug": {"seconds": True},
     "stall": {"seconds": True},
+    "chatter": {"input": False, "until": True, "glitch_ms": False, "gap_ms": False,
+                "seed": False},
+    "clock_step": {"seconds": True},
 }
+LINELESS = ("clock_step",)
+"""Steps of the whole appliance, not of a line: ``line`` is optional."""
 TONE_KINDS = ("dial", "ringback", "busy", "congestion")
 CALLER_ID_FORMATS = ("dtmf", "fsk")
 DTMF_CLIP_FORMS = ("A", "D", "#")
@@ -90,13 +107,15 @@ class Scenario:
         return math.ceil(self.duration * rate / period) * period
 
     def gpio_changes(self, rate: int) -> list[GpioChange]:
-        """Every hook, ring and polarity level change, in sample order."""
+        """Every hook, ring and polarity level change, in sample order: the scripted ones
+        with their contact bounce, and the chatter laid over them."""
         changes: list[GpioChange] = []
         end = round(self.duration * rate)
         for step in self.steps:
             at = round(step.at * rate)
+            edge = _Bouncer(step, rate)
             if step.do in ("offhook", "onhook"):
-                changes.append(GpioChange(at, step.line, "hook", step.do == "offhook"))
+                changes += edge(at, step.line, "hook", step.do == "offhook")
                 if step.do == "onhook":
                     # The exchange puts the polarity back when the call is cleared.
                     changes.append(GpioChange(at, step.line, "polarity", False))
@@ -113,10 +132,46 @@ class Scenario:
                 stop = min([stop, end, *answered])
                 cycle = round((RING_ON_S + RING_OFF_S) * rate)
                 for burst in range(at, stop, cycle):
-                    changes.append(GpioChange(burst, step.line, "ring", True))
-                    changes.append(GpioChange(min(burst + round(RING_ON_S * rate), stop),
-                                              step.line, "ring", False))
-        return sorted(changes, key=lambda c: c.sample)
+                    changes += edge(burst, step.line, "ring", True)
+                    changes += edge(min(burst + round(RING_ON_S * rate), stop),
+                                    step.line, "ring", False)
+        changes.sort(key=lambda c: c.sample)
+        chatter = [change for step in self.steps if step.do == "chatter"
+                   for change in self._chatter(step, rate, changes)]
+        return sorted(changes + chatter, key=lambda c: c.sample)
+
+    def clock_steps(self, rate: int) -> list[tuple[int, float]]:
+        """(sample, seconds) of each ``clock_step``: where the wall clock jumps, and by how
+        much (positive: forward)."""
+        return [(round(step.at * rate), float(step.params["seconds"]))
+                for step in self.steps if step.do == "clock_step"]
+
+    @staticmethod
+    def _chatter(step: Step, rate: int, scripted: list[GpioChange]) -> list[GpioChange]:
+        """A chattering input: from ``at`` to ``until`` the level flips away from what the
+        script holds it at, for 1 sample to ``glitch_ms``, at gaps of 1 sample to
+        ``gap_ms`` (uniformly random, from ``seed``). A glitch that would cover a scripted
+        change is left out, so the script's own edges stay where they are."""
+        params = step.params
+        name = str(params.get("input", "hook"))
+        edges = [c for c in scripted if c.line == step.line and c.input == name]
+        samples = [c.sample for c in edges]
+        rng = np.random.default_rng([int(params.get("seed", 0)), step.index])
+        glitch_max = max(1, round(float(params.get("glitch_ms", 10)) * rate / 1000))
+        gap_max = max(1, round(float(params.get("gap_ms", 500)) * rate / 1000))
+        at, until = round(step.at * rate), round(float(params["until"]) * rate)
+        out: list[GpioChange] = []
+        while True:
+            at += int(rng.integers(1, gap_max + 1))
+            length = int(rng.integers(1, glitch_max + 1))
+            if at + length >= until:
+                return out
+            first = bisect.bisect_left(samples, at)
+            if first == len(samples) or samples[first] > at + length:
+                level = edges[first - 1].active if first else False
+                out.append(GpioChange(at, step.line, name, not level))
+                out.append(GpioChange(at + length, step.line, name, level))
+            at += length
 
     @staticmethod
     def _loop_breaks(step: Step) -> list[tuple[float, float]]:
@@ -180,6 +235,29 @@ class Scenario:
                                   form=absence or str(params.get("form", "A")))
 
 
+class _Bouncer:
+    """A step's scripted edges, each with its contact bounce (``bounce_ms``): after the
+    edge the level flips back and forth at random (from ``seed``) until it settles."""
+
+    def __init__(self, step: Step, rate: int) -> None:
+        self._rate = rate
+        self._bounce = round(float(step.params.get("bounce_ms", 0)) * rate / 1000)
+        self._rng = np.random.default_rng([int(step.params.get("seed", 0)), step.index])
+
+    def __call__(self, at: int, line: str, name: str, active: bool) -> list[GpioChange]:
+        out = [GpioChange(at, line, name, active)]
+        if not self._bounce:
+            return out
+        level, moment = active, at
+        lo, hi = (ms * self._rate / 1000 for ms in BOUNCE_TOGGLE_MS)
+        while (moment := moment + max(1, round(self._rng.uniform(lo, hi)))) < at + self._bounce:
+            level = not level
+            out.append(GpioChange(moment, line, name, level))
+        if level != active:
+            out.append(GpioChange(at + self._bounce, line, name, active))
+        return out
+
+
 def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
     """Read and check a scenario against the lines of the config it runs on."""
     known_lines = list(lines)
@@ -230,7 +308,9 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
         if isinstance(at, bool) or not isinstance(at, int | float) or not 0 <= at <= duration:
             raise fail(f"{where}.at", f"required: seconds from the start, 0 to {duration}")
         line = raw.get("line")
-        if line not in known_lines:
+        if do in LINELESS and "line" not in raw:
+            line = ""  # the appliance's, not a line's
+        elif line not in known_lines:
             raise fail(f"{where}.line", f"{line!r} is not a line of the config; "
                        f"lines: {', '.join(known_lines)}")
         params = {k: v for k, v in raw.items() if k not in ("at", "line", "do")}
@@ -244,16 +324,33 @@ def load_scenario(path: Path, lines: Iterable[str]) -> Scenario:
                                    or not isinstance(params["frames"], int)
                                    or not 0 < params["frames"] <= 10 * 48000):
             raise fail(f"{where}.frames", "expected a whole number of frames lost, 1 to 480000")
-        if "seconds" in params and (isinstance(params["seconds"], bool)
-                                    or not isinstance(params["seconds"], int | float)
-                                    or not 0 < params["seconds"] <= 60):
+        if do == "clock_step":
+            seconds = params["seconds"]
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+                    or not 0 < abs(seconds) <= MAX_CLOCK_STEP_S:
+                raise fail(f"{where}.seconds", "expected seconds the wall clock jumps (negative: "
+                           f"back), not 0, at most {MAX_CLOCK_STEP_S:.0f} either way")
+        elif "seconds" in params and (isinstance(params["seconds"], bool)
+                                      or not isinstance(params["seconds"], int | float)
+                                      or not 0 < params["seconds"] <= 60):
             raise fail(f"{where}.seconds", "expected seconds the device stays away, up to 60")
+        if "seed" in params and (isinstance(params["seed"], bool)
+                                 or not isinstance(params["seed"], int)
+                                 or not 0 <= params["seed"] < 2**32):
+            raise fail(f"{where}.seed", "expected a whole number from 0 to 4294967295")
         if "gain_db" in params and (isinstance(params["gain_db"], bool)
                                     or not isinstance(params["gain_db"], int | float)
                                     or not GAIN_DB[0] <= params["gain_db"] <= GAIN_DB[1]):
             raise fail(f"{where}.gain_db", f"expected a number of decibels, {GAIN_DB[0]:g} "
                        f"to {GAIN_DB[1]:g}")
         _check_signal_params(params, do, f"{where}", fail)
+        if do == "chatter":
+            # Each glitch and the gap before it average half their longest.
+            mean_ms = (float(params.get("glitch_ms", 10)) + float(params.get("gap_ms", 500))) / 2
+            if 2 * (params["until"] - at) * 1000 / mean_ms > MAX_CHATTER_EDGES:
+                raise fail(f"{where}.gap_ms", f"this chatter would make more than "
+                           f"{MAX_CHATTER_EDGES} level changes; use longer gaps or a shorter "
+                           "stretch")
         if "file" in params:
             if not isinstance(params["file"], str):
                 raise fail(f"{where}.file", "expected a file name in quotes")
@@ -308,6 +405,10 @@ def _check_signal_params(params: dict[str, Any], do: str, where: str,
     choice("format", CALLER_ID_FORMATS)
     choice("form", DTMF_CLIP_FORMS)
     choice("absence", ABSENCE)
+    choice("input", GPIO_INPUTS)
+    number("bounce_ms", 1, 100)
+    number("glitch_ms", 0.1, 1000)
+    number("gap_ms", 1, 60000)
     number("on_ms", 20, 1000)
     number("off_ms", 20, 1000)
     number("ms", 20, 2000)

@@ -23,6 +23,7 @@ import select
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +34,7 @@ from linerec.audio import g711
 from linerec.audio.pcm import write_wav
 from linerec.daemon.config import AudioConfig, CaptureConfig, Config, LineConfig, PlaybackConfig
 from linerec.hw.alsa import AlsaCapture, AlsaPlayback
-from linerec.hw.base import HardwareError, output_latency
+from linerec.hw.base import ClockStep, ClockSteps, HardwareError, output_latency
 from linerec.hw.board import system_clock_synchronised
 from linerec.hw.gpio import GpioInput, GpioLed, drive_input, mock_pin_factory
 from linerec.hw.scenario import GpioChange, Scenario
@@ -41,6 +42,8 @@ from linerec.hw.scenario import GpioChange, Scenario
 logger = logging.getLogger(__name__)
 
 STALL_TIMEOUT_S = 10.0
+PIN_HISTORY_KEPT = 64
+"""Level changes a mock pin keeps when the simulation keeps no files."""
 
 
 def capture_pcm_name(capture: str) -> str:
@@ -53,17 +56,31 @@ def output_pcm_name(playback: str) -> str:
 
 class SimulatedClock:
     """Sample positions are the time; each capture position fires the scenario's GPIO
-    changes that are due by then."""
+    changes that are due by then. The wall clock is the epoch plus the position, plus the
+    scenario's ``clock_step``s up to the latest tick: like the real clock, an earlier
+    position asked for after a step gets the new time."""
 
-    def __init__(self, hat: SimulatedHat, rate: int, epoch: datetime) -> None:
+    def __init__(self, hat: SimulatedHat, rate: int, epoch: datetime,
+                 clock_steps: list[tuple[int, float]] | None = None) -> None:
         self._hat = hat
         self._rate = rate
         self._epoch = epoch
         self._ticks = threading.Condition()
         self._started: dict[str, int] = {}
+        self._clock_steps = sorted(clock_steps or [])
+        self._offset: dict[str, float] = {}
+        """Per capture device: seconds the wall clock has been set by, at its latest tick."""
+        self._steps = ClockSteps()
 
     def advance(self, capture: str, position: int) -> None:
         self._hat.fire_gpio(capture, position)
+        # The same detection as the real clock's, against the sample position as the
+        # monotonic clock.
+        offset = sum(seconds for at, seconds in self._clock_steps if at < position)
+        self._offset[capture] = offset
+        monotonic = position / self._rate
+        self._steps.check(capture, position,
+                          self._epoch + timedelta(seconds=monotonic + offset), monotonic)
         with self._ticks:
             self._started[capture] = position
             self._ticks.notify_all()
@@ -75,7 +92,11 @@ class SimulatedClock:
                                         timeout)
 
     def timestamp(self, capture: str, position: int) -> datetime:
-        return self._epoch + timedelta(seconds=position / self._rate)
+        return self._epoch + timedelta(seconds=position / self._rate
+                                       + self._offset.get(capture, 0.0))
+
+    def steps(self, capture: str, since: int) -> list[ClockStep]:
+        return self._steps.since(capture, since)
 
     def synchronised(self) -> bool | None:
         # Simulated time starts from the system clock: it is as good as that.
@@ -102,12 +123,14 @@ class SimulatedHat:
         workdir.mkdir(parents=True, exist_ok=True)
         self.workdir = workdir
         self.pin_factory = mock_pin_factory()
-        self.clock = SimulatedClock(self, self.rate, datetime.now(UTC).replace(microsecond=0))
+        self.clock = SimulatedClock(self, self.rate, datetime.now(UTC).replace(microsecond=0),
+                                    scenario.clock_steps(self.rate))
         self._line_of = {line.name: line for line in config.line}
-        self._pending: dict[str, list[GpioChange]] = {}
+        self._pending: dict[str, deque[GpioChange]] = {}
         for change in scenario.gpio_changes(self.rate):
             capture = self._line_of[change.line].capture
-            self._pending.setdefault(capture, []).append(change)
+            # A deque: minutes of chatter are thousands of changes, taken from the front.
+            self._pending.setdefault(capture, deque()).append(change)
         self._gpio_lock = threading.Lock()
         self._far_end = {line.name: scenario.far_end_sources(line.name, self.rate)
                          for line in config.line}
@@ -219,7 +242,7 @@ class SimulatedHat:
         with self._gpio_lock:
             pending = self._pending.get(capture)
             while pending and pending[0].sample < position:
-                change = pending.pop(0)
+                change = pending.popleft()
                 line = self._line_of[change.line]
                 pin, active_high = {
                     "hook": (line.hook_pin, line.hook_active_high),
@@ -228,6 +251,16 @@ class SimulatedHat:
                 }[change.input]
                 if pin is not None:  # a HAT without a polarity input does not see it
                     drive_input(self.pin_factory, pin, high=change.active == active_high)
+            if not self.keep_files:
+                self._forget_pin_history()
+
+    def _forget_pin_history(self) -> None:
+        """gpiozero's mock pins keep every level change (for tests that read them back);
+        a long simulation that keeps no files has no reader for them, and a HAT's real pins
+        keep nothing, so the history is dropped rather than grown for every call."""
+        for pin in list(self.pin_factory.pins.values()):
+            if len(pin.states) > PIN_HISTORY_KEPT:
+                pin.clear_states()
 
     def break_line_output(self, line: str) -> None:
         """Fault injection: the line output's ALSA PCM goes away (as when the HAT's codec
@@ -321,6 +354,13 @@ class _CaptureFaults:
     """Monotonic time until which the unplugged device cannot be reopened."""
     position: int = 0
     lost_while_gone: int = 0
+    consumed: int = 0
+    """Frames the reader has taken out of the FIFO (what the line skipped never went in)."""
+    xruns: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Overruns of the device's own clock (paced to the clock only): ``consumed`` at which
+    the line's audio jumps -> frames lost. The line registers one before it writes the
+    frames after the gap, and the reader looks it up after its read by what it had
+    consumed before: a reader already blocked in that read gets it all the same."""
 
 
 class SimulatedCapture(AlsaCapture):
@@ -354,7 +394,15 @@ class SimulatedCapture(AlsaCapture):
             self.overruns += 1
             self._lost += lost
             faults.position += lost
+        consumed = faults.consumed
         frames = super().read_period()
+        faults.consumed += len(frames)
+        # Looked up after the read: the line may have fallen behind while this read waited.
+        lost = faults.xruns.pop(consumed, 0)
+        if lost:
+            self.overruns += 1
+            self._lost += lost
+            faults.position += lost
         faults.position += len(frames)
         return frames
 
@@ -414,11 +462,28 @@ class _LineFeeder(threading.Thread):
                                  line_delay=hat.config.audio.line_delay_frames)
             for name, buffer in buffers.items()
         }
+        faults = hat._capture_faults[self.capture.name]
+        starved = None
+        if hat.realtime:
+            starved = _Starvation(self.capture.name, capture_buffer / hat.rate)
+            starved.start()
+        try:
+            self._feed(faults, starved, fd, buffers, delays)
+        finally:
+            if starved is not None:
+                starved.stop()
+
+    def _feed(self, faults: _CaptureFaults, starved: _Starvation | None, fd: int,
+              buffers: dict[str, int], delays: dict[str, int]) -> None:
+        hat = self.hat
+        period = hat.period
         started = time.monotonic()
         gaps = hat.gaps_on(self.capture.name)
         start = 0
         delivered = 0
         """End of the last period written: the daemon can have ticked up to here."""
+        fed = 0
+        """Frames written into the FIFO: where the reader meets a gap in the line's audio."""
         while start < hat.total:
             if self._stopping:
                 return
@@ -438,6 +503,8 @@ class _LineFeeder(threading.Thread):
             # period is in, so the wait is for what was delivered, not for ``start``.
             if delivered and not self._wait_for_engine(delivered):
                 return
+            if starved is not None:
+                start += self._overrun(faults, fed, start, starved)
             for index, line in enumerate(self.lines):
                 played = delivered - buffers[line.name]
                 self._read_played(line.name, played)
@@ -455,9 +522,33 @@ class _LineFeeder(threading.Thread):
                 os.write(fd, block.astype("<i2").tobytes())
             else:
                 os.write(fd, g711.encode(block, self.capture.format).tobytes())
+            fed += period
             self.written = start + period
             start += period
             delivered = start
+
+    def _overrun(self, faults: _CaptureFaults, fed: int, start: int,
+                 starved: _Starvation) -> int:
+        """The device's clock does not wait: when the process (and with it the daemon's
+        capture thread) could not run for more than a capture buffer, the device has
+        overrun, and lost everything from its last read to the end of the starvation, the
+        buffer's frames too (ALSA's re-prepare drops them; AlsaCapture's clock counts them).
+        Whole periods, so that the line stays on the periods the scenario's faults are at.
+        The gap is registered before the frames after it go in. Returns the frames skipped.
+
+        The engine falling behind is no overrun: on a HAT the ring holds seconds, and this
+        line waits for the engine only for the simulation's own lock-step."""
+        seconds = starved.take()
+        period = self.hat.period
+        # At least the scenario's last period still comes, so that the engine reaches its end.
+        lost = min(round(seconds * self.hat.rate) // period * period,
+                   self.hat.total - period - start)
+        if lost <= 0:
+            return 0
+        faults.xruns[fed] = faults.xruns.get(fed, 0) + lost
+        logger.info("the simulated capture %s overran: the process could not run for %.3f s "
+                    "before sample %d; %d frames lost", self.capture.name, seconds, start, lost)
+        return lost
 
     def _wait_for_engine(self, position: int) -> bool:
         waited = 0.0
@@ -531,6 +622,40 @@ class _LineFeeder(threading.Thread):
             self._played[line] = buf
         buf[have : have + len(samples)] = samples
         self._played_frames[line] = self._played_base[line] + have + len(samples)
+
+
+class _Starvation(threading.Thread):
+    """A thread that only sleeps and wakes, paced to the clock: a wake-up later than the
+    capture buffer lasts is a time the process could not run (stopped, starved of the CPU,
+    or of the interpreter lock), and the daemon's capture thread, which needs both to copy
+    a period, could not have read the device either."""
+
+    TICK_S = 0.005
+
+    def __init__(self, capture: str, buffer_s: float) -> None:
+        super().__init__(name=f"sim-clock-{capture}", daemon=True)
+        self._buffer_s = buffer_s
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._starved = 0.0
+
+    def run(self) -> None:
+        last = time.monotonic()
+        while not self._stopping.wait(self.TICK_S):
+            now = time.monotonic()
+            if now - last > self._buffer_s:
+                with self._lock:
+                    self._starved += now - last
+            last = now
+
+    def take(self) -> float:
+        """Seconds starved since the last call (each longer than a capture buffer)."""
+        with self._lock:
+            starved, self._starved = self._starved, 0.0
+        return starved
+
+    def stop(self) -> None:
+        self._stopping.set()
 
 
 def _file_pcm(name: str, output: Path | str, *, infile: Path | None = None) -> str:

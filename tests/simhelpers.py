@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import wave
 from pathlib import Path
 from typing import Any
@@ -188,3 +189,40 @@ def start_again(tmp_path: Path, config: Path) -> list[dict[str, Any]]:
     """The events of a start on the same storage with no call (a short simulation): what the
     start-up recovery reports."""
     return run_sim(tmp_path, write_scenario(tmp_path, "", duration=0.2), config)
+
+
+class NotifySocket:
+    """A unix datagram socket bound where NOTIFY_SOCKET points, as systemd's is: every
+    message (READY=1, STATUS=, WATCHDOG=1, STOPPING=1) with the monotonic time it came."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(path))
+        self._sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for at, message in list(self.messages):
+                if text in message:
+                    return at
+            time.sleep(0.01)
+        raise AssertionError(f"no {text!r} from the daemon: {self.messages}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        self._sock.close()

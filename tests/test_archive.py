@@ -87,6 +87,7 @@ def receipt_for(call_id: str, started: datetime, *, line: str = "line1",
 
 
 def record(path: Path, call_id: str, seconds: float) -> RecordingFile:
+    path.parent.mkdir(parents=True, exist_ok=True)
     recording = RecordingFile(path, rate=8000, bitrate=12000, complexity=5,
                               page_interval_s=0.4, fsync_interval_s=0.4,
                               vendor="linerec test", tags={"CALL_ID": call_id})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from test_fuzz import fuzz
 from linerec.daemon.cli import EXIT_CONFIG, cmd_check_config
 from linerec.daemon.commands import CommandHandler, Configurator
 from linerec.daemon.config import Config, ConfigError, Secret, load_config
+from linerec.daemon.reconfigure import write_config
 
 GUIDANCE = re.compile(r"\b(use|expected|known keys|required|add|pass|give|name|set)\b")
 """A problem says what to do, not only what is wrong."""
@@ -496,3 +498,18 @@ def test_a_disclosure_path_with_a_nul_byte_is_a_config_error(tmp_path: Path) -> 
     path = sim_config(tmp_path, disclosure=Path("/tmp/x.wav"))
     path.write_text(path.read_text().replace("/tmp/x.wav", "/tmp/x\\u0000.wav"))
     assert_names(path, "disclosure[0].parts[0].file")
+
+
+def test_a_config_write_cut_off_by_a_full_card_keeps_the_old_file_and_leaves_no_tmp(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "linerec.toml"
+    path.write_text("storage = \"/var/lib/linerec/recordings\"\n")
+
+    def card_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", card_full)
+    with pytest.raises(OSError):
+        write_config(path, {"storage": "/srv/recordings"})
+    assert path.read_text() == "storage = \"/var/lib/linerec/recordings\"\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linerec.toml"]

@@ -9,10 +9,12 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -352,6 +354,26 @@ def test_a_broker_refusing_the_password_is_named(appliance: Appliance, broker: B
                                       f"127.0.0.1:{broker.port} refused user 'linerec'")
     assert f"fix: correct mqtt.username and mqtt.password in {config}" in lines["broker"]
     assert "not-the-secret" not in out  # the password is never printed
+
+
+def test_a_broker_acl_that_lets_linerec_write_but_not_read_its_topics_is_named(
+        appliance: Appliance, broker: Broker) -> None:
+    """Over MQTT 3.1.1 an event counts as delivered once it comes back on linerec's own
+    subscription: with write but no read, every event would wait in the outbox."""
+    acl = broker.folder / "acl"
+    acl.write_text(acl.read_text().replace("topic readwrite linerec/office/#",
+                                           "topic write linerec/office/#"))
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)  # mosquitto reads its ACL again
+    time.sleep(0.5)
+    status, lines, out = appliance.doctor(appliance.config(broker))
+    assert status == 1
+    assert failed(lines) == only("broker"), out
+    assert lines["broker"].startswith(
+        f"FAIL broker: mqtt: 127.0.0.1:{broker.port} accepted user 'linerec', but a message "
+        "to linerec/office/doctor did not come back"), out
+    assert "fix: let user 'linerec' read and write linerec/office/# in the broker's ACL" \
+        in lines["broker"]
 
 
 def test_a_broker_certificate_from_another_ca_is_named(appliance: Appliance) -> None:

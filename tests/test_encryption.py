@@ -269,6 +269,7 @@ def closed_plaintext(storage: Path, public: str) -> tuple[Path, Path]:
     the sealed file to come): what a crash between the close and the call's end leaves."""
     call_id = new_call_id("line1", STARTED)
     folder = call_folder(storage, STARTED)
+    folder.mkdir(parents=True, exist_ok=True)
     recording = RecordingFile(folder / f"{call_id}.opus", rate=8000, bitrate=12000,
                               complexity=9, page_interval_s=0.8, fsync_interval_s=0.8,
                               vendor="linerec test", tags={"call_id": call_id})

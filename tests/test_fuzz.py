@@ -598,6 +598,9 @@ PLAUSIBLE: dict[str, st.SearchStrategy[Any]] = {
                                                              "congestion", "howler"]),
     "frequency": st.floats(0, 5000), "ms": st.integers(0, 3000),
     "frames": st.integers(-1, 500_000), "seconds": st.floats(-1, 70),
+    "input": st.sampled_from(["hook", "ring", "polarity"]), "seed": st.integers(-1, 2**33),
+    "glitch_ms": st.floats(0, 1200), "gap_ms": st.floats(0, 70_000),
+    "bounce_ms": st.floats(0, 120),
 }
 
 

@@ -164,6 +164,8 @@ class LineBench:
             disclosures=DisclosureLibrary(config, 8000), rules=NumberRules(config.numbers),
             events=EventBus([self]))
         self.position = 0
+        # As Recorder.start does: a write never makes the storage itself.
+        (tmp_path / "recordings").mkdir()
 
     def publish(self, event: dict[str, Any]) -> None:
         if event["event"] not in RINGING_EVENTS:

@@ -144,9 +144,11 @@ class Office:
 
 
 def config_for(tmp_path: Path, broker: Broker, *, password: str = DAEMON[1],
-               tls: dict[str, Path] | None = None) -> Path:
+               tls: dict[str, Path] | None = None, extra: str = "") -> Path:
+    """The simulated layout with an [mqtt] table for ``broker``; ``extra``: more of its
+    keys."""
     text = (f'\n[mqtt]\nhost = "127.0.0.1"\nport = {broker.port}\nusername = "{DAEMON[0]}"\n'
-            f'password = "{password}"\nreconnect_max_s = 2\n')
+            f'password = "{password}"\nreconnect_max_s = 2\n{extra}')
     if tls:
         text += (f'ca_file = "{tls["ca"]}"\ncert_file = "{tls["client_cert"]}"\n'
                  f'key_file = "{tls["client_key"]}"\n')

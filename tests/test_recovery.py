@@ -31,6 +31,7 @@ def interrupted_recording(storage: Path, seconds: float, cut: int = 0) -> Path:
     """A recording as a SIGKILL leaves it: a .part, its last bytes possibly cut off."""
     call_id = new_call_id("line1", STARTED)
     folder = call_folder(storage, STARTED)
+    folder.mkdir(parents=True, exist_ok=True)
     recording = RecordingFile(folder / f"{call_id}.opus", rate=8000, bitrate=12000,
                               complexity=9, page_interval_s=1.0, fsync_interval_s=1.0,
                               vendor="linerec test", tags={"line": "line1", "call_id": call_id})
@@ -90,7 +91,10 @@ def test_open_receipts_without_a_recording_are_closed(tmp_path: Path) -> None:
     assert recover_interrupted(tmp_path, EventBus()) == 1
     receipt = json.loads(path.read_text())
     assert receipt["state"] == "interrupted" and receipt["end_reason"] == "interrupted"
-    assert broken.read_text() == "{ cut off"  # not ours to guess at; left for a person
+    # Its bytes are moved aside for a person (never guessed at); the call still has a
+    # receipt, closed as interrupted, so that the next start finds nothing to trip over.
+    assert broken.with_name(broken.name + ".corrupt").read_text() == "{ cut off"
+    assert json.loads(broken.read_text())["state"] == "interrupted"
 
 
 def test_a_part_with_nothing_whole_on_disk_is_empty_not_unreadable(tmp_path: Path) -> None:

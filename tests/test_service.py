@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from simhelpers import sim_config, step, write_scenario
+from simhelpers import NotifySocket, sim_config, step, write_scenario
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "linerec.service"
@@ -181,43 +181,6 @@ def test_without_the_rights_real_time_settings_are_warnings(tmp_path: Path) -> N
     assert "mlockall was refused" in result.stderr
     assert "SCHED_FIFO priority 10 was refused" in result.stderr
     assert '"event": "recording_stopped"' in result.stdout
-
-
-class NotifySocket:
-    """A unix datagram socket bound where NOTIFY_SOCKET points, as systemd's is: every
-    message with the monotonic time it arrived."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(str(path))
-        self._sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self._sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def wait_for(self, text: str, timeout: float = 30.0) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for at, message in list(self.messages):
-                if text in message:
-                    return at
-            time.sleep(0.05)
-        raise AssertionError(f"no {text!r} from the daemon: {self.messages}")
-
-    def close(self) -> None:
-        self._stop.set()
-        self._reader.join()
-        self._sock.close()
 
 
 def simulate_under_systemd(tmp_path: Path, scenario: Path, config: Path,

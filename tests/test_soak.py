@@ -34,12 +34,12 @@ def test_short_soak_checks_every_call_and_finds_no_growth(tmp_path: Path) -> Non
     assert failures == [], failures
     assert result.returncode == 0, result.stderr[-2000:]
     unpaced, paced = results["unpaced"], results["paced"]
-    assert unpaced["answered_calls"] == unpaced["calls_matched"] == unpaced["receipts"] \
+    assert unpaced["answered_calls"] == unpaced["calls_clean"] == unpaced["receipts"] \
         == unpaced["recordings"] == 60
     assert unpaced["missed_calls"] >= 1
     assert unpaced["inbound"] and unpaced["outbound"]
     assert unpaced["speed_up"] > 1.5  # faster than real time
-    assert paced["answered_calls"] == paced["calls_matched"] >= 2
+    assert paced["answered_calls"] == paced["calls_clean"] >= 2
     assert paced["wall_s"] >= paced["audio_s"]  # paced to the clock
     for part in (unpaced, paced):
         assert part["verify_ok"] and part["part_files"] == 0
