@@ -245,6 +245,8 @@ class StorageGuard(threading.Thread):
         self._under_floor = False
         """FULL because of the floor (left with its margin), not because a write failed
         (left once the reserve is made again)."""
+        self._full_why = ""
+        """What made the level FULL, as told last."""
         self._mounted: bool | None = None
         """Was the storage a mount point of its own at the latest good check?"""
         self._stop_requested = threading.Event()
@@ -263,7 +265,7 @@ class StorageGuard(threading.Thread):
             # Recording would fail too, or would land where nobody looks. Fail closed.
             logger.error("%s", problem)
             self._under_floor = False
-            self._change(SpaceLevel.FULL, problem)
+            self._change(SpaceLevel.FULL, problem, why=problem)
             return self.level
         self.free = free_bytes(self.storage)
         failure = self.state.failure
@@ -276,7 +278,7 @@ class StorageGuard(threading.Thread):
                          "Recordings in progress were closed with what they had; new calls "
                          f"are not recorded until {need_kb} kB are free (and the floor of "
                          f"{self.config.floor_mb} MB): export and delete calls, or fit a "
-                         "larger card")
+                         "larger card", why="full")
             self._under_floor = False
             return self.level
         self.free = free_bytes(self.storage)
@@ -310,10 +312,13 @@ class StorageGuard(threading.Thread):
             return SpaceLevel.LOW
         return SpaceLevel.OK
 
-    def _change(self, level: SpaceLevel, message: str) -> None:
-        if level is self.level:
+    def _change(self, level: SpaceLevel, message: str, *, why: str = "floor") -> None:
+        """Tell a new level; and a new cause of FULL (``why``: the floor, a full storage, or
+        the storage gone or read-only): each needs its own fix."""
+        if level is self.level and (level is not SpaceLevel.FULL or why == self._full_why):
             return
         self.level = level
+        self._full_why = why
         kind = {SpaceLevel.OK: EventKind.STORAGE_OK, SpaceLevel.LOW: EventKind.STORAGE_LOW,
                 SpaceLevel.FULL: EventKind.STORAGE_FULL}[level]
         self.events.emit(make_event(kind, line=None, call_id=None, ts=datetime.now(UTC),

@@ -23,11 +23,17 @@ from typing import Any
 import pytest
 from simhelpers import RATE, receipts, sim_config, step, write_scenario
 
-from linerec.daemon.config import load_config
+from linerec.daemon.config import StorageGuardConfig, load_config
+from linerec.daemon.events import EventBus
 from linerec.daemon.ledger import Ledger, LedgerState
 from linerec.daemon.paths import RESERVE_NAME
 from linerec.daemon.simulate import run_simulation
-from linerec.daemon.storage_guard import RESERVE_BYTES, RESUME_BYTES
+from linerec.daemon.storage_guard import (
+    RESERVE_BYTES,
+    RESUME_BYTES,
+    SpaceLevel,
+    StorageGuard,
+)
 from linerec.hw.scenario import load_scenario
 from linerec.hw.sim import SimulatedHat
 
@@ -401,6 +407,30 @@ def test_storage_folder_removed_as_a_call_rings_is_not_made_again(tmp_path: Path
     assert len(full) == 1 and f"{storage} cannot be measured" in full[0]["message"]
     assert [p.stem for p in aside.glob("*/*/*/*.json")] == [ended[0]["call_id"]]
     assert chain_whole(aside).head.seq == 1
+
+
+
+def test_a_second_cause_of_full_storage_is_told_with_its_own_fix(tmp_path: Path) -> None:
+    """Under the floor, then gone: each cause needs its own fix, so each is a storage_full
+    of its own; the same cause is told once."""
+    storage = tmp_path / "recordings"
+    storage.mkdir()
+    told: list[dict[str, Any]] = []
+
+    class Sink:
+        def publish(self, event: dict[str, Any]) -> None:
+            told.append(event)
+
+    huge = 10**9  # MB: any disk is under this floor
+    guard = StorageGuard(storage, StorageGuardConfig(low_mb=huge, floor_mb=huge),
+                         EventBus([Sink()]))
+    assert guard.check() is SpaceLevel.FULL
+    storage.rename(tmp_path / "aside")
+    assert guard.check() is SpaceLevel.FULL
+    assert guard.check() is SpaceLevel.FULL
+    assert [e["event"] for e in told] == ["storage_full", "storage_full"]
+    assert "under the floor" in told[0]["message"]
+    assert "cannot be measured" in told[1]["message"]
 
 
 if __name__ == "__main__":
