@@ -891,14 +891,14 @@ def report(results: dict[str, Any]) -> str:
                + f" MB: {_per_100_calls(unpaced):.2f} MB per 100 calls; at that rate the "
                f"full {FULL_CALLS} calls would add {_per_100_calls(unpaced) * FULL_CALLS / 100:.1f}"
                " MB.", bullet=True),
-        *_wrap("**Overruns**: the simulated tap runs in lock-step with the daemon, so it cannot "
-               "overrun by itself (an overrun there is only what a scenario injects); the "
-               "count from `STATUS=` and the receipts' capture gaps show that none was "
-               "reported. What the paced part measures instead is whether the daemon kept up "
-               "with the clock: `disclosure_started` goes out in the tick its sample belongs "
-               "to, so its delay behind the line's clock is the daemon's lag; on a real HAT a "
-               "capture thread more than the ALSA buffer (160 ms) behind overruns.",
-               bullet=True),
+        *_wrap("**Overruns**: unpaced, the simulated tap runs in lock-step with the daemon "
+               "and cannot overrun. Paced, it overruns as a capture device does: when the "
+               "process could not run for longer than the capture buffer (160 ms), the frames "
+               "of that time are lost and the overrun reported (docs/SIMULATOR.md); the count "
+               "is from `STATUS=` and the receipts' capture gaps. The paced part also "
+               "measures whether the daemon kept up with the clock: `disclosure_started` goes "
+               "out in the tick its sample belongs to, so its delay behind the line's clock is "
+               "the daemon's lag.", bullet=True),
         "",
     ]
     if failures:
