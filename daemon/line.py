@@ -1309,18 +1309,18 @@ class Line:
         unusable = self._storage_state.unusable
         if unusable is not None:
             raise OSError(errno.ENODEV, f"not written, as {unusable}")
-        try:
+        def write() -> None:
             if receipt["state"] == "open":
                 write_receipt(path, receipt)
             else:
                 seal_receipt(self._storage, path, receipt)
+
+        try:
+            write()
         except OSError as exc:
             if not self._storage_state.write_failed(exc):
                 raise
-            if receipt["state"] == "open":
-                write_receipt(path, receipt)
-            else:
-                seal_receipt(self._storage, path, receipt)
+            write()
 
     def _seal_receipt_later(self, path: Path, receipt: dict[str, Any],
                             seal: Future[Sealed]) -> None:

@@ -20,19 +20,21 @@ from linerec.daemon.telemetry import config_payload
 PASSWORD = "Tr0ub4dor&3-linerec-secret"  # noqa: S105 - a test's made-up secret
 
 
-def call_with_a_broker_that_is_not_there(tmp_path: Path) -> Path:
-    """A recorded call; the broker is away, so every event waits in the outbox on disk."""
+def call_with_a_broker_that_is_not_there(tmp_path: Path, caller_speech: Path,
+                                        onhook: float) -> tuple[Path, Path]:
+    """A recorded call, on-hook at ``onhook`` s; the broker is away, so every event waits in
+    the outbox on disk. Its config and scenario."""
     config = sim_config(tmp_path, broker=("127.0.0.1", free_port()))
     config.write_text(config.read_text() + f'username = "office"\npassword = "{PASSWORD}"\n')
-    return config
+    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
+                              + step(9.0, "audio", file=str(caller_speech))
+                              + step(onhook, "onhook"), duration=onhook + 2.0)
+    return config, scenario
 
 
 def test_recordings_receipts_audit_log_and_outbox_are_the_service_users_alone(
         tmp_path: Path, caller_speech: Path) -> None:
-    config = call_with_a_broker_that_is_not_there(tmp_path)
-    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
-                              + step(9.0, "audio", file=str(caller_speech))
-                              + step(20.0, "onhook"), duration=22.0)
+    config, scenario = call_with_a_broker_that_is_not_there(tmp_path, caller_speech, 20.0)
     old = os.umask(0o022)  # as a login shell has it: linerec must not rely on it
     try:
         result = subprocess.run([sys.executable, "-m", "linerec.daemon.cli", "simulate",
@@ -54,10 +56,7 @@ def test_recordings_receipts_audit_log_and_outbox_are_the_service_users_alone(
 
 def test_no_secret_in_logs_receipts_outbox_config_topic_or_stack_dumps(
         tmp_path: Path, caller_speech: Path) -> None:
-    config = call_with_a_broker_that_is_not_there(tmp_path)
-    scenario = write_scenario(tmp_path, step(0.5, "ring") + step(1.0, "offhook")
-                              + step(9.0, "audio", file=str(caller_speech))
-                              + step(14.0, "onhook"), duration=16.0)
+    config, scenario = call_with_a_broker_that_is_not_there(tmp_path, caller_speech, 14.0)
     proc = subprocess.Popen([sys.executable, "-m", "linerec.daemon.cli", "--verbose",
                              "simulate", "--scenario", str(scenario), "--config", str(config),
                              "--realtime", "--workdir", str(tmp_path / "work")],
